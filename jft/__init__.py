@@ -1,0 +1,10 @@
+"""jft: fine-tune pretrained models in JAX."""
+
+from jft import optim
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "__version__",
+    "optim",
+]

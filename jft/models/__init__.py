@@ -1,0 +1,12 @@
+"""Flax linen models whose parameter trees load pretrained weights.
+
+Every model is built by name with :func:`get` and takes ``num_classes`` and a
+compute ``dtype`` (parameters stay float32). ``model.apply(variables, x,
+train=False)`` runs in eval mode; ``train=True`` turns on dropout (rng
+``"dropout"``) and BatchNorm batch statistics (``mutable=["batch_stats"]``).
+The trunk lives under ``backbone/`` and the classifier under ``head/``.
+"""
+
+from jft.models.registry import get, names, register
+
+__all__ = ["get", "names", "register"]

@@ -1,0 +1,3 @@
+"""Update rules as pure functions, each an ``optax.GradientTransformation``."""
+
+__all__: list[str] = []

@@ -1,0 +1,131 @@
+"""Fill a model's variables from a flat checkpoint, with a report of what happened."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+from flax.core import unfreeze
+
+from jft.weights import keymaps
+
+
+class WeightsError(ValueError):
+    """A weights file does not fit the model; the message says where and how."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RestoreReport:
+    """What :func:`restore` did.
+
+    Attributes:
+      loaded: variable paths (``params/backbone/...``) filled from the file.
+      kept: variable paths kept from init, because ``skip`` matched them (a new
+        head) or, with ``strict=False``, because the file lacks them.
+      unused: names in the file that no variable took.
+    """
+
+    loaded: tuple[str, ...]
+    kept: tuple[str, ...]
+    unused: tuple[str, ...]
+
+    def __str__(self) -> str:
+        lines = [
+            f"loaded {len(self.loaded)} arrays, kept {len(self.kept)} from init, "
+            f"{len(self.unused)} unused in the file"
+        ]
+        lines += [f"  kept from init: {p}" for p in self.kept]
+        lines += [f"  unused in file: {k}" for k in self.unused]
+        return "\n".join(lines)
+
+
+def _compile(patterns: Sequence[str]) -> list[re.Pattern[str]]:
+    out = []
+    for p in patterns:
+        try:
+            out.append(re.compile(p))
+        except re.error as e:
+            raise WeightsError(f"invalid skip regex {p!r}: {e}") from None
+    return out
+
+
+def _skipped(path: str, patterns: Sequence[re.Pattern[str]]) -> bool:
+    # A pattern may name the path with or without its collection:
+    # "head/.*" skips params/head/... and batch_stats/head/...
+    bare = path.split("/", 1)[1]
+    return any(p.fullmatch(bare) or p.fullmatch(path) for p in patterns)
+
+
+def restore(
+    variables: Mapping[str, Any],
+    flat: Mapping[str, np.ndarray],
+    arch: str,
+    skip: Sequence[str] = (),
+    strict: bool = True,
+) -> tuple[dict[str, Any], RestoreReport]:
+    """Returns ``variables`` filled from ``flat``, and a report.
+
+    Args:
+      variables: the model's initial variables (``{"params": ..., "batch_stats": ...}``).
+      flat: source name -> array, as :func:`jft.weights.read` returns.
+      arch: the key map to use (``"resnet"``, ``"vgg"``, ``"bert"``, ``"vit"``...).
+      skip: regexes over variable paths that are deliberately new (a head): they
+        keep their init values even when the file has them, whatever the shapes.
+      strict: when True, a variable missing from the file is an error; when
+        False it keeps its init value and is listed in ``report.kept``.
+
+    Returns:
+      ``(variables, report)``: new variables, same tree and dtypes as the input.
+
+    Raises:
+      WeightsError: one line naming every shape mismatch (path and both shapes)
+        and, with ``strict``, every missing variable.
+    """
+    patterns = _compile(skip)
+    mapped, unused = keymaps.get(arch)(flat)
+    target = traverse_util.flatten_dict(unfreeze(dict(variables)), sep="/")
+
+    if not any(k in mapped for k in target):
+        sample = ", ".join(list(flat)[:3])
+        raise WeightsError(
+            f"no variable of the model was found in the file with arch={arch!r} "
+            f"(the file has {len(flat)} arrays, e.g. {sample}); is arch right for this file?"
+        )
+
+    out: dict[str, Any] = {}
+    loaded, kept, missing, mismatched = [], [], [], []
+    for path, init in target.items():
+        if _skipped(path, patterns):
+            out[path] = init
+            kept.append(path)
+            continue
+        if path not in mapped:
+            missing.append(path)
+            out[path] = init
+            continue
+        value = mapped[path]
+        if tuple(value.shape) != tuple(init.shape):
+            mismatched.append(f"{path}: file {tuple(value.shape)} vs model {tuple(init.shape)}")
+            out[path] = init
+            continue
+        out[path] = jnp.asarray(value, dtype=init.dtype)
+        loaded.append(path)
+
+    unused = list(unused) + [k for k in mapped if k not in target or _skipped(k, patterns)]
+    problems = []
+    if mismatched:
+        problems.append(
+            "shape mismatch (add a skip regex if the layer is new): " + "; ".join(mismatched)
+        )
+    if missing and strict:
+        problems.append(f"{len(missing)} variables missing from the file: " + ", ".join(missing))
+    if problems:
+        raise WeightsError(" | ".join(problems))
+    kept += missing
+    report = RestoreReport(tuple(loaded), tuple(kept), tuple(sorted(unused)))
+    return traverse_util.unflatten_dict(out, sep="/"), report
