@@ -4,7 +4,10 @@ Every model is built by name with :func:`get` and takes ``num_classes`` and a
 compute ``dtype`` (parameters stay float32). ``model.apply(variables, x,
 train=False)`` runs in eval mode; ``train=True`` turns on dropout (rng
 ``"dropout"``) and BatchNorm batch statistics (``mutable=["batch_stats"]``).
-The trunk lives under ``backbone/`` and the classifier under ``head/``.
+The trunk lives under ``backbone/`` and the classifier under ``head/``;
+transformer blocks are ``backbone/encoder/layer_{i}``. Models with BatchNorm take
+``frozen_bn``: regexes over BatchNorm module paths whose layers always use their
+running statistics (see CONTRIBUTING.md for all conventions).
 """
 
 from jft.models.registry import get, names, register
