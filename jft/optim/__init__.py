@@ -1,3 +1,69 @@
-"""Update rules as pure functions, each an ``optax.GradientTransformation``."""
+"""Update rules as pure functions, each an ``optax.GradientTransformation``.
 
-__all__: list[str] = []
+Each rule is a building block ``scale_by_<rule>`` and a user-facing optimizer
+(``adam``, ``heavy_ball``, ...) that chains it with the learning rate; a
+learning rate is a float or any optax schedule, looked up as ``schedule(count)``
+with ``count`` = 0 at the first update. The conventions (eps outside the square
+root, RMSProp without bias correction, AdaGrad's accumulator starting at 0,
+AdamW's weight decay 0.01) are those of the named ``torch.optim`` twin; each
+docstring says how to get optax's behaviour where optax differs.
+
+jft adds only what optax lacks. Learning-rate schedules, gradient clipping and
+plain weight decay are optax's; chain them::
+
+    import optax, jft
+
+    schedule = optax.warmup_cosine_decay_schedule(0.0, 1e-3, 100, 10_000)
+    tx = optax.chain(
+        optax.clip_by_global_norm(1.0),   # clip the raw gradient first
+        jft.optim.adam(schedule),          # any rule, any schedule
+    )
+    tx = optax.chain(optax.add_decayed_weights(1e-4), jft.optim.heavy_ball(0.1))  # L2 / coupled
+
+Reduce on plateau scales whatever comes before it and is fed the metric::
+
+    tx = optax.chain(jft.optim.adam(1e-3), jft.optim.reduce_on_plateau(0.1, patience=10))
+    updates, state = tx.update(grads, state, params, value=val_loss)
+
+Every factory works under ``optax.inject_hyperparams`` (e.g.
+``optax.inject_hyperparams(jft.optim.adam)(lr=1e-3)``, then set
+``state.hyperparams["lr"]``) and in ``optax.partition``.
+"""
+
+from jft.optim.adagrad import AdagradState, adagrad, scale_by_adagrad
+from jft.optim.adam import AdamState, adam, adamw, scale_by_adam
+from jft.optim.adaptive_rate import adaptive_rate, scale_by_adaptive_rate
+from jft.optim.gradient_descent import gradient_descent, sgd
+from jft.optim.heavy_ball import HeavyBallState, heavy_ball, scale_by_heavy_ball
+from jft.optim.momentum import MomentumState, momentum, scale_by_momentum
+from jft.optim.reduce_on_plateau import ReduceOnPlateauState, reduce_on_plateau
+from jft.optim.rmsprop import RMSpropState, rmsprop, scale_by_rmsprop
+from jft.optim.subgradient import SubgradientState, scale_by_subgradient, subgradient
+
+__all__ = [
+    "AdagradState",
+    "AdamState",
+    "HeavyBallState",
+    "MomentumState",
+    "RMSpropState",
+    "ReduceOnPlateauState",
+    "SubgradientState",
+    "adagrad",
+    "adam",
+    "adamw",
+    "adaptive_rate",
+    "gradient_descent",
+    "heavy_ball",
+    "momentum",
+    "reduce_on_plateau",
+    "rmsprop",
+    "scale_by_adagrad",
+    "scale_by_adam",
+    "scale_by_adaptive_rate",
+    "scale_by_heavy_ball",
+    "scale_by_momentum",
+    "scale_by_rmsprop",
+    "scale_by_subgradient",
+    "sgd",
+    "subgradient",
+]

@@ -1,0 +1,79 @@
+"""Plain gradient descent: θ ← θ − α∇L(θ), on the full or on a minibatch gradient."""
+
+import optax
+
+from jft.optim import _validate
+
+
+def gradient_descent(lr: optax.ScalarOrSchedule) -> optax.GradientTransformation:
+    r"""Gradient descent: a step of size ``lr`` against the gradient.
+
+    Symbols: :math:`\theta` the parameters, :math:`\alpha` the learning rate
+    (``lr``, a float or an optax schedule looked up at ``count`` = 0, 1, ...),
+    :math:`\nabla L(\theta)` the gradient of the loss.
+
+    .. math::
+
+        \theta \leftarrow \theta - \alpha \nabla L(\theta)
+
+    Args:
+      lr: learning rate :math:`\alpha` (``>= 0``), or an optax schedule.
+
+    Returns:
+      An ``optax.GradientTransformation`` whose updates are
+      :math:`-\alpha \nabla L(\theta)`; add them with ``optax.apply_updates``.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, jft
+      >>> tx = jft.optim.gradient_descent(0.1)
+      >>> params = jnp.array([1.0, 2.0])
+      >>> updates, state = tx.update(2 * params, tx.init(params))
+      >>> optax.apply_updates(params, updates)
+      Array([0.8, 1.6], dtype=float32)
+
+    References:
+      Cauchy, *Méthode générale pour la résolution des systèmes d'équations
+      simultanées*, 1847.
+
+    Note:
+      The building block is the identity, so this is
+      ``optax.scale_by_learning_rate(lr)``; it equals ``optax.sgd(lr)`` and
+      ``torch.optim.SGD(params, lr)``.
+    """
+    _validate.learning_rate(lr)
+    return optax.scale_by_learning_rate(lr)
+
+
+def sgd(lr: optax.ScalarOrSchedule) -> optax.GradientTransformation:
+    r"""Stochastic gradient descent: :func:`gradient_descent` on a minibatch gradient.
+
+    Symbols: :math:`\theta` the parameters, :math:`\alpha` the learning rate,
+    :math:`\nabla L_B(\theta)` the gradient of the loss on the minibatch :math:`B`.
+
+    .. math::
+
+        \theta \leftarrow \theta - \alpha \nabla L_B(\theta)
+
+    Args:
+      lr: learning rate :math:`\alpha` (``>= 0``), or an optax schedule.
+
+    Returns:
+      An ``optax.GradientTransformation``; the update rule is the same as
+      :func:`gradient_descent`, only the gradient fed to it differs.
+
+    Example:
+      >>> import jax.numpy as jnp, jft
+      >>> tx = jft.optim.sgd(0.5)
+      >>> updates, _ = tx.update(jnp.array([1.0, -2.0]), tx.init(jnp.zeros(2)))
+      >>> updates
+      Array([-0.5,  1. ], dtype=float32)
+
+    References:
+      Robbins and Monro, *A stochastic approximation method*, 1951.
+
+    Note:
+      No momentum: ``optax.sgd(lr)`` and ``torch.optim.SGD(params, lr)`` both take
+      a ``momentum`` argument; here that is :func:`jft.optim.heavy_ball`.
+    """
+    _validate.learning_rate(lr)
+    return optax.scale_by_learning_rate(lr)
