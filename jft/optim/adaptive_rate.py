@@ -18,7 +18,8 @@ def scale_by_adaptive_rate(
         d = \begin{cases} 1 + \beta g & |1 + \beta g| \ge \varepsilon \\
         \varepsilon \operatorname{sign}^+(1 + \beta g) & \text{otherwise} \end{cases}
 
-    where :math:`\operatorname{sign}^+` is the sign with :math:`\operatorname{sign}^+(0) = +1`.
+    where :math:`\operatorname{sign}^+` is the sign with :math:`\operatorname{sign}^+(0) = +1`;
+    :math:`u` is then clipped to the dtype's finite range (it matters for float16).
 
     Args:
       beta: :math:`\beta` (finite, ``>= 0``).
@@ -42,7 +43,9 @@ def scale_by_adaptive_rate(
             d = 1 + beta * g
             guard = jnp.where(d < 0, -eps, eps).astype(g.dtype)
             d = jnp.where(jnp.abs(d) < eps, guard, d)
-            return (g / d).astype(g.dtype)
+            # |g|/eps can still overflow a narrow dtype (float16 stops at 65504).
+            big = jnp.finfo(g.dtype).max
+            return jnp.clip(g / d, -big, big).astype(g.dtype)
 
         return jax.tree.map(f, updates), state
 
@@ -68,7 +71,8 @@ def adaptive_rate(
     Guard: where :math:`|1 + \beta g| < \varepsilon` (``eps``, default 1e-6) the
     denominator is replaced by :math:`\pm\varepsilon` (its sign, ``+`` at exactly 0,
     e.g. :math:`\beta g = -1`), so every update is finite, at most
-    :math:`\alpha |g| / \varepsilon` in magnitude. Elsewhere the formula is exact,
+    :math:`\alpha |g| / \varepsilon` in magnitude (and, before the learning rate,
+    within the dtype's finite range). Elsewhere the formula is exact,
     including for :math:`\beta g < -1`, where the denominator is negative.
 
     Args:
