@@ -10,6 +10,8 @@ transformer blocks are ``backbone/encoder/layer_{i}``. Models with BatchNorm tak
 running statistics (see CONTRIBUTING.md for all conventions).
 """
 
+from jft.models.bert import Bert, BertOutput
 from jft.models.registry import get, names, register
+from jft.models.vit import ViT, resize_pos_embed
 
-__all__ = ["get", "names", "register"]
+__all__ = ["Bert", "BertOutput", "ViT", "get", "names", "register", "resize_pos_embed"]

@@ -44,3 +44,6 @@ def get(arch: str) -> KeyMap:
 def names() -> list[str]:
     """The architectures that have a key map, sorted."""
     return sorted(_KEYMAPS)
+
+
+from jft.weights.keymaps import bert, vit  # noqa: E402, F401  (registers the key maps)

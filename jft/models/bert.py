@@ -1,0 +1,398 @@
+"""BERT / MiniLM encoders (Devlin et al., 2019), laid out as Hugging Face's ``BertModel``.
+
+Parameter paths::
+
+    backbone/embeddings/{word,position,token_type}_embeddings/embedding
+    backbone/embeddings/layer_norm/{scale,bias}
+    backbone/encoder/layer_{i}/attention/{query,key,value,output}/{kernel,bias}
+    backbone/encoder/layer_{i}/attention_layer_norm/{scale,bias}
+    backbone/encoder/layer_{i}/intermediate/{kernel,bias}
+    backbone/encoder/layer_{i}/output/{kernel,bias}
+    backbone/encoder/layer_{i}/output_layer_norm/{scale,bias}
+    backbone/pooler/{kernel,bias}          (only with pooling="pooler")
+    head/{kernel,bias}                     (only with num_classes > 0)
+
+Output convention: with ``num_classes > 0`` the model returns logits
+``(B, num_classes)``; with ``num_classes=0`` it returns a :class:`BertOutput`
+holding ``last_hidden_state`` ``(B, T, H)`` and ``pooled`` ``(B, H)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from jft.models.registry import register
+
+Dtype = Any
+_POOLINGS = ("mean", "cls", "pooler")
+
+
+@flax.struct.dataclass
+class BertOutput:
+    """What a BERT model without a head returns (a pytree, so it passes through ``jit``).
+
+    Attributes:
+      last_hidden_state: ``(B, T, H)``, the last encoder layer's output, in ``dtype``.
+      pooled: ``(B, H)`` float32, the sequence embedding chosen by ``pooling``
+        (by default the attention-mask-weighted mean, as sentence-transformers does).
+    """
+
+    last_hidden_state: jax.Array
+    pooled: jax.Array
+
+
+def mean_pool(hidden: jax.Array, attention_mask: jax.Array) -> jax.Array:
+    """Mean of ``hidden`` ``(B, T, H)`` over the tokens where ``attention_mask`` is 1.
+
+    Computed in float32; the count is clamped at 1e-9, as sentence-transformers does.
+    """
+    mask = attention_mask.astype(jnp.float32)[..., None]
+    total = jnp.sum(hidden.astype(jnp.float32) * mask, axis=1)
+    return total / jnp.clip(jnp.sum(mask, axis=1), 1e-9)
+
+
+def attention_bias(attention_mask: jax.Array) -> jax.Array:
+    """``(B, T)`` 1/0 mask -> ``(B, 1, 1, T)`` float32 additive bias: 0 to keep, a large negative.
+
+    Always float32, also when the model computes in bf16: the attention logits are
+    cast to float32 before the bias is added, so the softmax sees exact zeros for
+    padding and the unmasked logits keep their float32 value.
+    """
+    keep = attention_mask.astype(bool)[:, None, None, :]
+    return jnp.where(keep, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with separate query/key/value/output ``Dense`` layers.
+
+    Shared by BERT and ViT. The softmax runs in float32 whatever ``dtype`` is.
+    """
+
+    num_heads: int
+    dropout_rate: float = 0.0
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+    kernel_init: Any = nn.initializers.truncated_normal(0.02)
+
+    @nn.compact
+    def __call__(self, x: jax.Array, bias: jax.Array | None = None, *, train: bool) -> jax.Array:
+        """``(B, T, D)`` -> ``(B, T, D)``; ``bias`` is added to the ``(B, heads, T, T)`` logits."""
+        b, t, d = x.shape
+        if d % self.num_heads:
+            raise ValueError(f"hidden size {d} is not divisible by num_heads={self.num_heads}")
+        head_dim = d // self.num_heads
+
+        def dense(name: str, use_bias: bool = self.use_bias) -> nn.Dense:
+            return nn.Dense(
+                d, use_bias=use_bias, dtype=self.dtype, kernel_init=self.kernel_init, name=name
+            )
+
+        def heads(y: jax.Array) -> jax.Array:
+            return y.reshape(b, t, self.num_heads, head_dim)
+
+        q = heads(dense("query")(x))
+        k = heads(dense("key")(x))
+        v = heads(dense("value")(x))
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(head_dim).astype(q.dtype)
+        logits = logits.astype(jnp.float32)
+        if bias is not None:
+            logits = logits + bias
+        probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+        probs = nn.Dropout(self.dropout_rate)(probs, deterministic=not train)
+        y = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, t, d)
+        return nn.Dense(d, dtype=self.dtype, kernel_init=self.kernel_init, name="output")(y)
+
+
+def get_activation(name: str) -> Callable[[jax.Array], jax.Array]:
+    """The activation Hugging Face configs call ``name`` (``hidden_act``)."""
+    # Hugging Face's names: "gelu" is the exact (erf) GELU that BERT uses.
+    acts = {
+        "gelu": lambda x: nn.gelu(x, approximate=False),
+        "gelu_new": lambda x: nn.gelu(x, approximate=True),
+        "gelu_pytorch_tanh": lambda x: nn.gelu(x, approximate=True),
+        "relu": nn.relu,
+        "silu": nn.silu,
+        "swish": nn.silu,
+    }
+    if name not in acts:
+        raise ValueError(f"unsupported hidden_act {name!r}; supported: {', '.join(acts)}")
+    return acts[name]
+
+
+class BertLayer(nn.Module):
+    """One post-norm BERT block: attention, add & norm, feed-forward, add & norm."""
+
+    num_heads: int
+    intermediate_size: int
+    hidden_act: str = "gelu"
+    dropout_rate: float = 0.1
+    attention_dropout_rate: float = 0.1
+    layer_norm_eps: float = 1e-12
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, bias: jax.Array, *, train: bool) -> jax.Array:
+        """``x`` ``(B, T, H)`` -> ``(B, T, H)``; ``bias`` from :func:`attention_bias`."""
+        init = nn.initializers.truncated_normal(0.02)
+        norm = lambda name: nn.LayerNorm(self.layer_norm_eps, dtype=self.dtype, name=name)
+        drop = lambda y: nn.Dropout(self.dropout_rate)(y, deterministic=not train)
+        y = SelfAttention(
+            self.num_heads, self.attention_dropout_rate, dtype=self.dtype, name="attention"
+        )(x, bias, train=train)
+        x = norm("attention_layer_norm")(x + drop(y))
+        y = nn.Dense(
+            self.intermediate_size, dtype=self.dtype, kernel_init=init, name="intermediate"
+        )(x)
+        y = get_activation(self.hidden_act)(y)
+        y = nn.Dense(x.shape[-1], dtype=self.dtype, kernel_init=init, name="output")(y)
+        return norm("output_layer_norm")(x + drop(y))
+
+
+class BertEmbeddings(nn.Module):
+    """Word + position + token-type embeddings, LayerNorm, dropout (HF ``BertEmbeddings``)."""
+
+    vocab_size: int
+    hidden_size: int
+    max_position_embeddings: int
+    type_vocab_size: int
+    dropout_rate: float = 0.1
+    layer_norm_eps: float = 1e-12
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, input_ids, token_type_ids, *, train: bool) -> jax.Array:
+        """Token ids ``(B, T)`` -> ``(B, T, H)``; positions are ``0..T-1``."""
+        t = input_ids.shape[1]
+        if t > self.max_position_embeddings:
+            raise ValueError(
+                f"sequence length {t} > max_position_embeddings={self.max_position_embeddings}"
+            )
+
+        def embed(n: int, name: str) -> nn.Embed:
+            init = nn.initializers.truncated_normal(0.02)
+            return nn.Embed(n, self.hidden_size, dtype=self.dtype, embedding_init=init, name=name)
+
+        x = (
+            embed(self.vocab_size, "word_embeddings")(input_ids)
+            + embed(self.max_position_embeddings, "position_embeddings")(jnp.arange(t)[None])
+            + embed(self.type_vocab_size, "token_type_embeddings")(token_type_ids)
+        )
+        x = nn.LayerNorm(self.layer_norm_eps, dtype=self.dtype, name="layer_norm")(x)
+        return nn.Dropout(self.dropout_rate)(x, deterministic=not train)
+
+
+class BertEncoder(nn.Module):
+    """The stack of :class:`BertLayer` modules, named ``layer_{i}``."""
+
+    num_layers: int
+    num_heads: int
+    intermediate_size: int
+    hidden_act: str = "gelu"
+    dropout_rate: float = 0.1
+    attention_dropout_rate: float = 0.1
+    layer_norm_eps: float = 1e-12
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, bias: jax.Array, *, train: bool) -> jax.Array:
+        """``(B, T, H)`` -> ``(B, T, H)``; ``bias`` from :func:`attention_bias`."""
+        for i in range(self.num_layers):
+            x = BertLayer(
+                self.num_heads,
+                self.intermediate_size,
+                self.hidden_act,
+                self.dropout_rate,
+                self.attention_dropout_rate,
+                self.layer_norm_eps,
+                self.dtype,
+                name=f"layer_{i}",
+            )(x, bias, train=train)
+        return x
+
+
+class BertBackbone(nn.Module):
+    """Embeddings, encoder and (optionally) HF's pooler: the ``backbone/`` of :class:`Bert`.
+
+    Returns ``(last_hidden_state (B, T, H), pooler_output (B, H) or None)``.
+    """
+
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    dropout_rate: float = 0.1
+    attention_dropout_rate: float = 0.1
+    layer_norm_eps: float = 1e-12
+    use_pooler: bool = False
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask, token_type_ids, *, train: bool):
+        """Ids, 1/0 mask and segment ids, all ``(B, T)``."""
+        x = BertEmbeddings(
+            self.vocab_size,
+            self.hidden_size,
+            self.max_position_embeddings,
+            self.type_vocab_size,
+            self.dropout_rate,
+            self.layer_norm_eps,
+            self.dtype,
+            name="embeddings",
+        )(input_ids, token_type_ids, train=train)
+        x = BertEncoder(
+            self.num_layers,
+            self.num_heads,
+            self.intermediate_size,
+            self.hidden_act,
+            self.dropout_rate,
+            self.attention_dropout_rate,
+            self.layer_norm_eps,
+            self.dtype,
+            name="encoder",
+        )(x, attention_bias(attention_mask), train=train)
+        if not self.use_pooler:
+            return x, None
+        init = nn.initializers.truncated_normal(0.02)
+        pooled = nn.Dense(self.hidden_size, dtype=self.dtype, kernel_init=init, name="pooler")
+        return x, jnp.tanh(pooled(x[:, 0]))
+
+
+class Bert(nn.Module):
+    """A BERT-family encoder (BERT, MiniLM, sentence-transformers) with an optional head.
+
+    Call ``model.apply(variables, input_ids=..., attention_mask=..., token_type_ids=...,
+    train=False)``, all ``(B, T)`` integer arrays; ``attention_mask`` (1 = token, 0 =
+    padding) defaults to all ones and ``token_type_ids`` to zeros. Returns logits
+    ``(B, num_classes)`` when ``num_classes > 0``, else a :class:`BertOutput`.
+
+    Attributes:
+      num_classes: size of the classifier ``head/`` on the pooled embedding; 0: no head.
+      pooling: how ``pooled`` is made: ``"mean"`` (attention-mask-weighted mean of the
+        last hidden state, as sentence-transformers does), ``"cls"`` (the first token),
+        or ``"pooler"`` (``tanh(Dense(first token))`` under ``backbone/pooler``, as
+        Hugging Face's ``BertForSequenceClassification`` feeds its classifier).
+      classifier_dropout: dropout before the head; None: ``dropout_rate``.
+      dtype: compute dtype (bf16 on TPU); parameters stay float32, and the
+        attention softmax and the pooling run in float32.
+      The other attributes are Hugging Face's ``BertConfig`` fields.
+    """
+
+    num_classes: int = 0
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    dropout_rate: float = 0.1
+    attention_dropout_rate: float = 0.1
+    classifier_dropout: float | None = None
+    layer_norm_eps: float = 1e-12
+    pooling: str = "mean"
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array | None = None,
+        token_type_ids: jax.Array | None = None,
+        train: bool = False,
+    ) -> jax.Array | BertOutput:
+        """Runs the encoder; see the class docstring for inputs and outputs."""
+        if self.pooling not in _POOLINGS:
+            raise ValueError(f"unknown pooling {self.pooling!r}; use one of {_POOLINGS}")
+        input_ids = jnp.asarray(input_ids)
+        if attention_mask is None:
+            attention_mask = jnp.ones_like(input_ids)
+        if token_type_ids is None:
+            token_type_ids = jnp.zeros_like(input_ids)
+        hidden, pooler_output = BertBackbone(
+            self.vocab_size,
+            self.hidden_size,
+            self.num_layers,
+            self.num_heads,
+            self.intermediate_size,
+            self.hidden_act,
+            self.max_position_embeddings,
+            self.type_vocab_size,
+            self.dropout_rate,
+            self.attention_dropout_rate,
+            self.layer_norm_eps,
+            self.pooling == "pooler",
+            self.dtype,
+            name="backbone",
+        )(input_ids, attention_mask, token_type_ids, train=train)
+        if self.pooling == "mean":
+            pooled = mean_pool(hidden, attention_mask)
+        elif self.pooling == "cls":
+            pooled = hidden[:, 0].astype(jnp.float32)
+        else:
+            pooled = pooler_output.astype(jnp.float32)
+        if self.num_classes == 0:
+            return BertOutput(last_hidden_state=hidden, pooled=pooled)
+        rate = self.dropout_rate if self.classifier_dropout is None else self.classifier_dropout
+        pooled = nn.Dropout(rate)(pooled.astype(self.dtype), deterministic=not train)
+        return nn.Dense(
+            self.num_classes,
+            dtype=self.dtype,
+            kernel_init=nn.initializers.truncated_normal(0.02),
+            name="head",
+        )(pooled)
+
+
+def _bert(num_classes: int = 0, dtype: Dtype = jnp.float32, **kwargs: Any) -> Bert:
+    return Bert(num_classes=num_classes, dtype=dtype, **kwargs)
+
+
+@register("bert")
+def bert(num_classes: int = 0, dtype: Dtype = jnp.float32, **kwargs: Any) -> Bert:
+    """A BERT encoder; ``kwargs`` are :class:`Bert` fields (defaults: BERT-base)."""
+    return _bert(num_classes, dtype, **kwargs)
+
+
+@register("bert_base")
+def bert_base(num_classes: int = 0, dtype: Dtype = jnp.float32, **kwargs: Any) -> Bert:
+    """BERT-base: 12 layers, hidden 768, 12 heads (``bert-base-uncased``)."""
+    return _bert(num_classes, dtype, **kwargs)
+
+
+@register("bert_large")
+def bert_large(num_classes: int = 0, dtype: Dtype = jnp.float32, **kwargs: Any) -> Bert:
+    """BERT-large: 24 layers, hidden 1024, 16 heads."""
+    cfg = dict(hidden_size=1024, num_layers=24, num_heads=16, intermediate_size=4096)
+    return _bert(num_classes, dtype, **{**cfg, **kwargs})
+
+
+@register("minilm_l6")
+def minilm_l6(num_classes: int = 0, dtype: Dtype = jnp.float32, **kwargs: Any) -> Bert:
+    """MiniLM-L6-H384 (``all-MiniLM-L6-v2``): 6 layers, hidden 384, 12 heads, mean pooling.
+
+    >>> import jax, jax.numpy as jnp
+    >>> model = minilm_l6(num_layers=1)
+    >>> ids = jnp.array([[101, 2023, 102, 0]])
+    >>> out = model.apply(model.init(jax.random.key(0), ids), ids, jnp.array([[1, 1, 1, 0]]))
+    >>> out.last_hidden_state.shape, out.pooled.shape
+    ((1, 4, 384), (1, 384))
+    """
+    cfg = dict(hidden_size=384, num_layers=6, num_heads=12, intermediate_size=1536)
+    return _bert(num_classes, dtype, **{**cfg, **kwargs})
+
+
+@register("minilm_l12")
+def minilm_l12(num_classes: int = 0, dtype: Dtype = jnp.float32, **kwargs: Any) -> Bert:
+    """MiniLM-L12-H384 (``all-MiniLM-L12-v2``): 12 layers, hidden 384, 12 heads."""
+    cfg = dict(hidden_size=384, num_layers=12, num_heads=12, intermediate_size=1536)
+    return _bert(num_classes, dtype, **{**cfg, **kwargs})
