@@ -1,0 +1,506 @@
+"""Partition parameters by regex rules: which train, with which optimizer, which are frozen.
+
+A *rule* is a pair ``(regex, optimizer_or_None)``. The regex is matched with
+``re.fullmatch`` against each parameter's ``/``-joined path
+(``backbone/layer1_0/conv1/kernel``); the first matching rule wins; ``None``
+freezes the parameter. Every parameter must match a rule and every rule must
+match a parameter, or a one-line :class:`PartitionError` says which did not.
+
+Frozen parameters cost nothing: :func:`split` separates them from the trainable
+ones, :func:`optimizer` holds state for trainable leaves only, and the train
+step (:mod:`jft.train`) differentiates only the trainable subtree, so XLA never
+builds the backward pass through a frozen trunk.
+
+Both halves of a split are nested dicts with the full key structure but only
+their own leaves (empty subtrees pruned), so :func:`merge` is a deep dict union
+and either half is an ordinary pytree for optax, orbax and ``jax.jit``.
+"""
+
+from __future__ import annotations
+
+import bisect
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jft import optim
+
+Params = Mapping[str, Any]
+Rule = tuple[str, optax.GradientTransformation | None]
+Rules = Sequence[Rule]
+
+FROZEN = "frozen"
+"""The label of frozen parameters in :func:`labels`."""
+
+_MAX_LISTED = 8
+
+
+class PartitionError(ValueError):
+    """Rules that do not fit the parameters; the one-line message says which."""
+
+
+# --------------------------------------------------------------------------- paths
+
+
+def _flatten(tree: Params, prefix: str = "") -> dict[str, Any]:
+    """``{"a/b/c": leaf}`` for a nested mapping; anything not a mapping is a leaf."""
+    flat = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, path + "/"))
+        else:
+            flat[path] = value
+    return flat
+
+
+def _filter(tree: Params, keep: Callable[[str], bool], prefix: str = "") -> dict[str, Any]:
+    """The nested dict of the leaves whose path ``keep`` accepts, empty subtrees pruned."""
+    out = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            sub = _filter(value, keep, path + "/")
+            if sub:
+                out[key] = sub
+        elif keep(path):
+            out[key] = value
+    return out
+
+
+def _map(fn: Callable[[str, Any], Any], tree: Params, prefix: str = "") -> dict[str, Any]:
+    """Maps ``fn(path, leaf)`` over a nested mapping, keeping its structure."""
+    return {
+        key: _map(fn, value, f"{prefix}{key}/")
+        if isinstance(value, Mapping)
+        else fn(f"{prefix}{key}", value)
+        for key, value in tree.items()
+    }
+
+
+def _listing(paths: Sequence[str]) -> str:
+    shown = ", ".join(paths[:_MAX_LISTED])
+    more = len(paths) - _MAX_LISTED
+    return shown + (f" and {more} more" if more > 0 else "")
+
+
+# --------------------------------------------------------------------------- rules
+
+
+def _compile(rules: Rules) -> list[tuple[re.Pattern[str], optax.GradientTransformation | None]]:
+    compiled = []
+    for i, rule in enumerate(rules):
+        if not (isinstance(rule, tuple | list) and len(rule) == 2 and isinstance(rule[0], str)):
+            raise PartitionError(
+                f"rule {i} must be a (regex, optimizer or None) pair, got {rule!r}"
+            )
+        regex, tx = rule
+        if tx is not None and not isinstance(tx, optax.GradientTransformation):
+            raise PartitionError(
+                f"rule {i} ({regex!r}) must pair its regex with an "
+                f"optax.GradientTransformation or None, got {type(tx).__name__}"
+            )
+        try:
+            compiled.append((re.compile(regex), tx))
+        except re.error as e:
+            raise PartitionError(f"rule {i} has an invalid regex {regex!r}: {e}") from None
+    return compiled
+
+
+def _rule_index(paths: Sequence[str], rules: Rules, *, check_dead: bool) -> dict[str, int]:
+    """Maps each path to the index of the first rule that fully matches it."""
+    compiled = _compile(rules)
+    index, unmatched = {}, []
+    used = [False] * len(compiled)
+    for path in paths:
+        for i, (pattern, _) in enumerate(compiled):
+            if pattern.fullmatch(path):
+                index[path] = i
+                used[i] = True
+                break
+        else:
+            unmatched.append(path)
+    if unmatched:
+        raise PartitionError(
+            f"{len(unmatched)} parameter(s) match no rule: {_listing(unmatched)}; "
+            'add a rule for them (e.g. (".*", None) last to freeze the rest)'
+        )
+    dead = [rules[i][0] for i, u in enumerate(used) if not u]
+    if check_dead and dead:
+        raise PartitionError(
+            f"rule(s) match no parameter (a typo, or shadowed by an earlier rule): "
+            f"{_listing([repr(d) for d in dead])}"
+        )
+    return index
+
+
+def _label(rules: Rules, i: int) -> str:
+    return FROZEN if rules[i][1] is None else str(i)
+
+
+def labels(params: Params, rules: Rules) -> dict[str, Any]:
+    """Labels each parameter with the rule that claims it.
+
+    Args:
+      params: a nested dict of parameters (flax ``variables["params"]``).
+      rules: ``(regex, optimizer_or_None)`` pairs; the first rule whose regex
+        fully matches a parameter's ``/``-joined path claims it.
+
+    Returns:
+      A tree with the structure of ``params`` whose leaves are the claiming rule's
+      index as a string (``"0"``, ``"1"``, ...), or :data:`FROZEN` for a rule
+      whose optimizer is ``None``.
+
+    Raises:
+      PartitionError: a parameter matches no rule, a rule matches no parameter,
+        a rule's regex is invalid, or a rule is not a pair.
+
+    >>> import optax
+    >>> params = {"backbone": {"w": 1.0}, "head": {"w": 2.0, "b": 0.0}}
+    >>> labels(params, [("backbone/.*", None), (".*", optax.sgd(0.1))])
+    {'backbone': {'w': 'frozen'}, 'head': {'w': '1', 'b': '1'}}
+    """
+    index = _rule_index(list(_flatten(params)), rules, check_dead=True)
+    return _map(lambda path, _: _label(rules, index[path]), params)
+
+
+def split(params: Params, rules: Rules) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Splits ``params`` into ``(trainable, frozen)`` by ``rules``.
+
+    Both halves are nested dicts with the keys of ``params`` but only their own
+    leaves; subtrees left empty are dropped (so a fully trainable model has
+    ``frozen == {}``). :func:`merge` puts them back together.
+
+    Raises:
+      PartitionError: as :func:`labels`.
+
+    >>> import optax
+    >>> params = {"backbone": {"w": 1.0}, "head": {"w": 2.0}}
+    >>> split(params, [("backbone/.*", None), ("head/.*", optax.sgd(0.1))])
+    ({'head': {'w': 2.0}}, {'backbone': {'w': 1.0}})
+    """
+    index = _rule_index(list(_flatten(params)), rules, check_dead=True)
+    trainable = _filter(params, lambda p: rules[index[p]][1] is not None)
+    frozen = _filter(params, lambda p: rules[index[p]][1] is None)
+    return trainable, frozen
+
+
+def merge(trainable: Params, frozen: Params) -> dict[str, Any]:
+    """The deep union of two parameter dicts (the inverse of :func:`split`).
+
+    Raises:
+      PartitionError: a parameter path is in both.
+
+    >>> merge({"head": {"w": 2.0}}, {"backbone": {"w": 1.0}, "head": {"b": 0.0}})
+    {'head': {'w': 2.0, 'b': 0.0}, 'backbone': {'w': 1.0}}
+    """
+    out = dict(trainable)
+    for key, value in frozen.items():
+        if key not in out:
+            out[key] = value
+        elif isinstance(out[key], Mapping) and isinstance(value, Mapping):
+            out[key] = merge(out[key], value)
+        else:
+            raise PartitionError(f"parameter {key!r} is in both trees being merged")
+    return out
+
+
+# --------------------------------------------------------------------------- optimizer
+
+
+class PartitionState(NamedTuple):
+    """State of :func:`optimizer`: one inner state per rule, ``None`` for frozen rules.
+
+    The inner state of rule ``i`` covers exactly the leaves that rule ``i``
+    claims (a nested dict of them), so frozen leaves hold no state at all.
+    """
+
+    inner_states: tuple[Any, ...]
+
+
+def optimizer(rules: Rules) -> optax.GradientTransformation:
+    """One optimizer per rule, applied to the leaves the rule claims.
+
+    The contract: give it the *trainable* half of :func:`split` (that is what
+    :mod:`jft.train` does). It also accepts the full parameter tree; then the
+    leaves of frozen rules get no optimizer state and zero updates, though their
+    gradients were still computed by whoever produced ``updates``. Rules that
+    claim no leaf of the tree it sees are allowed here (the frozen rules never do
+    on the trainable half); their optimizer is initialised on an empty dict.
+
+    Args:
+      rules: ``(regex, optimizer_or_None)`` pairs, as for :func:`labels`.
+
+    Returns:
+      An ``optax.GradientTransformation`` with state :class:`PartitionState`.
+
+    Raises:
+      PartitionError: at ``init``/``update``, a leaf that matches no rule, or a bad
+        rule.
+
+    >>> import jax.numpy as jnp, optax
+    >>> rules = [("backbone/.*", None), ("head/.*", optax.adam(1e-3))]
+    >>> params = {"backbone": {"w": jnp.ones(1000)}, "head": {"w": jnp.ones(10)}}
+    >>> state = optimizer(rules).init(params)
+    >>> sum(x.size for x in jax.tree.leaves(state))  # count, mu and nu of the head
+    21
+    """
+    _compile(rules)  # fail early on a bad rule
+
+    def groups(tree: Params) -> list[dict[str, Any] | None]:
+        index = _rule_index(list(_flatten(tree)), rules, check_dead=False)
+        return [
+            None if tx is None else _filter(tree, lambda p, i=i: index[p] == i)
+            for i, (_, tx) in enumerate(rules)
+        ]
+
+    def init_fn(params):
+        return PartitionState(
+            tuple(
+                None if tx is None else tx.init(sub)
+                for (_, tx), sub in zip(rules, groups(params), strict=True)
+            )
+        )
+
+    def update_fn(updates, state, params=None):
+        update_groups = groups(updates)
+        param_groups = groups(params) if params is not None else [None] * len(rules)
+        flat_out: dict[str, Any] = {}
+        inner_states = []
+        for (_, tx), u, s, p in zip(
+            rules, update_groups, state.inner_states, param_groups, strict=True
+        ):
+            if tx is None:
+                inner_states.append(None)
+                continue
+            u, s = tx.update(u, s, p)
+            flat_out.update(_flatten(u))
+            inner_states.append(s)
+        # Leaves of frozen rules (only present when given the full tree) get zeros.
+        new_updates = _map(
+            lambda path, g: flat_out[path] if path in flat_out else jnp.zeros_like(g), updates
+        )
+        return new_updates, PartitionState(tuple(inner_states))
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+# --------------------------------------------------------------------------- learning rates
+
+
+def _default_optimizer(lr: float) -> optax.GradientTransformation:
+    return optim.adamw(lr)
+
+
+def layerwise_lr_rules(
+    num_layers: int,
+    base_lr: float,
+    decay: float,
+    make_optimizer: Callable[[float], optax.GradientTransformation] | None = None,
+    *,
+    frozen: Sequence[str] = (),
+    layer_prefix: str = "backbone/encoder/layer_",
+    embeddings: str | None = "backbone/embeddings/.*",
+    rest: str = ".*",
+) -> list[Rule]:
+    r"""Rules for layer-wise learning-rate decay over transformer blocks.
+
+    Layer :math:`i` of :math:`L` (``backbone/encoder/layer_{i}``) trains with
+    :math:`\alpha \delta^{L - i}`, the embeddings with :math:`\alpha
+    \delta^{L + 1}` (the deepest decay), and everything else (the head, a final
+    norm, a pooler) with the base rate :math:`\alpha`, as in BEiT and ELECTRA.
+
+    Args:
+      num_layers: the number of transformer blocks :math:`L`.
+      base_lr: :math:`\alpha`, the head's learning rate.
+      decay: :math:`\delta`, the factor per block going down.
+      make_optimizer: builds one group's optimizer from its learning rate;
+        ``jft.optim.adamw`` by default.
+      frozen: regexes frozen before all other rules (``(regex, None)`` first); a
+        block or the embeddings that they freeze get no rule of their own.
+      layer_prefix: the blocks' path up to the block number.
+      embeddings: regex of the embedding parameters, or ``None`` if there are none.
+      rest: regex of the parameters trained at the base rate; matched last.
+
+    Returns:
+      A rules list: the frozen rules, the blocks from the top down, the
+      embeddings, then ``rest``.
+
+    >>> import optax
+    >>> lrs = []
+    >>> rules = layerwise_lr_rules(2, 1.0, 0.5, lambda lr: lrs.append(lr) or optax.sgd(lr))
+    >>> [regex for regex, _ in rules]
+    ['backbone/encoder/layer_1/.*', 'backbone/encoder/layer_0/.*', 'backbone/embeddings/.*', '.*']
+    >>> lrs
+    [0.5, 0.25, 0.125, 1.0]
+    """
+    make_optimizer = make_optimizer or _default_optimizer
+    frozen_patterns = [p for p, _ in _compile([(regex, None) for regex in frozen])]
+
+    def is_frozen(group: str) -> bool:
+        # A group whose paths a frozen rule claims gets no rule: it would be dead.
+        probe = group[:-2] + "_" if group.endswith("/.*") else group
+        return group in frozen or any(p.fullmatch(probe) for p in frozen_patterns)
+
+    rules: list[Rule] = [(regex, None) for regex in frozen]
+    for i in reversed(range(num_layers)):
+        lr = base_lr * decay ** (num_layers - i)
+        group = f"{re.escape(layer_prefix)}{i}/.*"
+        if not is_frozen(group):
+            rules.append((group, make_optimizer(lr)))
+    if embeddings is not None and not is_frozen(embeddings):
+        rules.append((embeddings, make_optimizer(base_lr * decay ** (num_layers + 1))))
+    rules.append((rest, make_optimizer(base_lr)))
+    return rules
+
+
+# --------------------------------------------------------------------------- stages
+
+
+class Stages:
+    """Gradual unfreezing: the rules in force from each start step on.
+
+    ``Stages([(0, rules0), (1000, rules1), ...])``; a stage lasts until the next
+    one starts. The train step (:func:`jft.train.make_staged_train_step`)
+    compiles once per stage and, at a stage change, moves parameters between the
+    trainable and frozen halves with :func:`carry_over`: newly trainable
+    parameters get fresh optimizer state, already trainable ones keep theirs.
+
+    Raises:
+      PartitionError: no stages, a first stage that does not start at 0, start
+        steps that do not increase, or a bad rule.
+    """
+
+    def __init__(self, stages: Sequence[tuple[int, Rules]]):
+        if not stages:
+            raise PartitionError("Stages needs at least one (start_step, rules) stage")
+        starts = [int(start) for start, _ in stages]
+        if starts[0] != 0:
+            raise PartitionError(f"the first stage must start at step 0, not {starts[0]}")
+        if any(b <= a for a, b in zip(starts, starts[1:], strict=False)):
+            raise PartitionError(f"stage start steps must increase, got {starts}")
+        for _, rules in stages:
+            _compile(rules)
+        self.starts: tuple[int, ...] = tuple(starts)
+        self.rules: tuple[Rules, ...] = tuple(list(rules) for _, rules in stages)
+
+    @classmethod
+    def gradual(
+        cls,
+        groups: Sequence[str],
+        every: int,
+        make_optimizer: Callable[[int], optax.GradientTransformation]
+        | optax.GradientTransformation,
+    ) -> Stages:
+        """Unfreezes one more group of parameters every ``every`` steps.
+
+        Stage ``k`` (from step ``k * every``) trains ``groups[:k + 1]`` and freezes
+        the rest with a final ``(".*", None)`` rule, except when the last group is
+        ``".*"`` and already trains everything.
+
+        Args:
+          groups: regexes, top first (``["head/.*", "backbone/layer4_.*", ...]``).
+          every: steps per stage.
+          make_optimizer: one optimizer for all groups, or ``k -> optimizer`` for
+            group ``k`` (discriminative learning rates).
+        """
+
+        def tx(k: int) -> optax.GradientTransformation:
+            if isinstance(make_optimizer, optax.GradientTransformation):
+                return make_optimizer
+            return make_optimizer(k)
+
+        txs = [tx(k) for k in range(len(groups))]
+        stages = []
+        for k in range(len(groups)):
+            rules: list[Rule] = [(g, txs[j]) for j, g in enumerate(groups[: k + 1])]
+            if groups[k] != ".*":
+                rules.append((".*", None))
+            stages.append((k * every, rules))
+        return cls(stages)
+
+    def index(self, step: int) -> int:
+        """The index of the stage in force at ``step``."""
+        return bisect.bisect_right(self.starts, int(step)) - 1
+
+    def rules_at(self, step: int) -> Rules:
+        """The rules in force at ``step``."""
+        return self.rules[self.index(step)]
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __repr__(self) -> str:
+        return f"Stages(starts={list(self.starts)})"
+
+
+def _param_suffix(key_path: tuple[Any, ...]) -> str:
+    keys = []
+    for k in reversed(key_path):
+        if not isinstance(k, jax.tree_util.DictKey):
+            break
+        keys.append(str(k.key))
+    return "/".join(reversed(keys))
+
+
+def carry_over(
+    old_rules: Rules, old_state: PartitionState, new_rules: Rules, new_trainable: Params
+) -> PartitionState:
+    """The :func:`optimizer` state for ``new_rules``, keeping what ``old_state`` knew.
+
+    A fresh state is built with ``optimizer(new_rules).init(new_trainable)``, then
+    each of its leaves is taken from ``old_state`` where the old state has a leaf
+    at the same place with the same shape and dtype:
+
+    * a rule with the same regex in both keeps its whole state (moments and
+      counters) for the parameters it claimed before;
+    * per-parameter leaves (Adam's moments) also follow a parameter that moves
+      to a rule with another regex;
+    * parameters that were frozen start from the optimizer's initial state.
+
+    Args:
+      old_rules: the rules ``old_state`` was built for.
+      old_state: the :class:`PartitionState` under ``old_rules``.
+      new_rules: the rules of the new stage.
+      new_trainable: the trainable half of ``split(params, new_rules)``.
+
+    Returns:
+      A :class:`PartitionState` for ``new_rules``.
+    """
+    new_state = optimizer(new_rules).init(new_trainable)
+    index = _rule_index(list(_flatten(new_trainable)), new_rules, check_dead=False)
+    old_by_regex = {regex: i for i, (regex, tx) in enumerate(old_rules) if tx is not None}
+    old_flat = [
+        None if s is None else dict(jax.tree_util.tree_flatten_with_path(s)[0])
+        for s in old_state.inner_states
+    ]
+
+    def fits(old: Any, new: Any) -> bool:
+        return getattr(old, "shape", None) == getattr(new, "shape", None) and getattr(
+            old, "dtype", None
+        ) == getattr(new, "dtype", None)
+
+    inner_states = []
+    for j, ((regex, tx), fresh) in enumerate(zip(new_rules, new_state.inner_states, strict=True)):
+        if tx is None:
+            inner_states.append(None)
+            continue
+        same = old_flat[old_by_regex[regex]] if regex in old_by_regex else None
+        leaves, treedef = jax.tree_util.tree_flatten_with_path(fresh)
+        out = []
+        for key_path, new in leaves:
+            chosen = new
+            if same is not None and key_path in same and fits(same[key_path], new):
+                chosen = same[key_path]
+            elif index.get(_param_suffix(key_path)) == j:
+                for flat in old_flat:
+                    if flat is not None and key_path in flat and fits(flat[key_path], new):
+                        chosen = flat[key_path]
+                        break
+            out.append(chosen)
+        inner_states.append(jax.tree_util.tree_unflatten(treedef, out))
+    return PartitionState(tuple(inner_states))
