@@ -136,6 +136,7 @@ class ViTEmbeddings(nn.Module):
     patch_size: int
     grid: tuple[int, int]
     dropout_rate: float = 0.0
+    resize_antialias: bool = True
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -157,8 +158,9 @@ class ViTEmbeddings(nn.Module):
         pos = self.param(
             "pos_embed", nn.initializers.normal(0.02), (1, 1 + self.grid[0] * self.grid[1], d)
         )
-        # Another input size: resample the position grid on the fly (timm's dynamic_img_size).
-        pos = resize_pos_embed(pos, (gh, gw), self.grid)
+        # Another input size: resample the position grid on the fly (timm's
+        # dynamic_img_size, or HF's interpolate_pos_encoding without antialias).
+        pos = resize_pos_embed(pos, (gh, gw), self.grid, antialias=self.resize_antialias)
         x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, d)).astype(x.dtype), x], axis=1)
         x = x + pos.astype(x.dtype)
         return nn.Dropout(self.dropout_rate)(x, deterministic=not train)
@@ -229,6 +231,7 @@ class ViTBackbone(nn.Module):
     attention_dropout_rate: float = 0.0
     layer_norm_eps: float = 1e-6
     qkv_bias: bool = True
+    resize_antialias: bool = True
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -241,6 +244,7 @@ class ViTBackbone(nn.Module):
             self.patch_size,
             (h // self.patch_size, w // self.patch_size),
             self.dropout_rate,
+            self.resize_antialias,
             self.dtype,
             name="embeddings",
         )(jnp.asarray(x, self.dtype), train=train)
@@ -296,14 +300,17 @@ class ViT(nn.Module):
     ``model.apply(variables, images, train=False)`` with NHWC float images returns
     logits ``(B, num_classes)``, or the pooled features ``(B, D)`` with
     ``num_classes=0``. Images of another size than ``image_size`` work: the
-    position grid is resampled on the fly (bicubic, antialiased, as timm's
-    ``dynamic_img_size``); to change the stored grid, see :func:`resize_pos_embed`.
+    position grid is resampled on the fly (see ``resize_antialias``); to change
+    the stored grid once, see :func:`jft.weights.keymaps.vit.fit_pos_embed`.
 
     Attributes:
       num_classes: size of ``head/``; 0: no head.
       image_size: the image size the position embedding is stored for.
       layer_norm_eps: timm uses 1e-6, Hugging Face's ViTConfig 1e-12.
       qkv_bias: whether query/key/value have a bias (both timm and HF: yes).
+      resize_antialias: how an input of another size resamples the position grid
+        (bicubic): True as timm's ``dynamic_img_size``, False as Hugging Face's
+        ``interpolate_pos_encoding=True``.
       dtype: compute dtype; parameters stay float32, the softmax runs in float32.
     """
 
@@ -319,6 +326,7 @@ class ViT(nn.Module):
     attention_dropout_rate: float = 0.0
     layer_norm_eps: float = 1e-6
     qkv_bias: bool = True
+    resize_antialias: bool = True
     dtype: Dtype = jnp.float32
 
     def setup(self) -> None:
@@ -334,6 +342,7 @@ class ViT(nn.Module):
             self.attention_dropout_rate,
             self.layer_norm_eps,
             self.qkv_bias,
+            self.resize_antialias,
             self.dtype,
         )
         if self.num_classes:
