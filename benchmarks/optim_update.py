@@ -11,7 +11,11 @@ with fixed gradients:
   ``p.grad`` (no ``zero_grad``), with as many intra-op threads as JAX's CPU
   client gets here (all the cores this process may use).
 
-Each time is the median over repeats of one step, after warm-up. Bandwidth is
+Each time is the median over repeats of one step, after warm-up; the jft,
+optax steps of a rule are called in turn, so that load from other processes
+on a shared machine falls on both alike; torch's are timed next, apart (its
+OpenMP threads keep spinning after a step and would slow the next JAX call),
+then the script sleeps 0.5 s. Bandwidth is
 the bytes one step must read and write at least (params, gradients and every
 state buffer the rule keeps, in float32) divided by the time, as a fraction of
 this machine's copy bandwidth measured in the same run (the faster of a jitted,
@@ -113,7 +117,23 @@ def median_time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def time_jax(tx, params, grads, repeats: int) -> float:
+def interleaved_medians(fns: list, repeats: int) -> list[float]:
+    """Median time of each fn, calling them in turn so that load from other
+    processes on a shared machine falls on all of them alike."""
+    for fn in fns:
+        for _ in range(3):  # warm-up, compilation
+            fn()
+    times = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, ts in zip(fns, times, strict=True):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+    return [statistics.median(ts) for ts in times]
+
+
+def jax_step(tx, params, grads):
+    """One donated jitted step (update + apply_updates), as a no-argument callable."""
     extra = "value" if isinstance(tx, optax.GradientTransformationExtraArgs) else None
 
     def step(params, state, grads):
@@ -128,20 +148,16 @@ def time_jax(tx, params, grads, repeats: int) -> float:
         carry[0], carry[1] = step(carry[0], carry[1], grads)
         jax.block_until_ready(carry)
 
-    for _ in range(3):
-        once()
-    return median_time(once, repeats)
+    return once
 
 
-def time_torch(make, shape_list, repeats: int) -> float:
+def torch_step(make, shape_list):
+    """One in-place torch.optim step, as a no-argument callable."""
     gen = torch.Generator().manual_seed(0)
     ps = [torch.randn(s, generator=gen, requires_grad=True) for s in shape_list]
     for p in ps:
         p.grad = torch.randn(p.shape, generator=gen)
-    opt = make(ps)
-    for _ in range(3):
-        opt.step()
-    return median_time(opt.step, repeats)
+    return make(ps).step
 
 
 def copy_bandwidth(n: int, repeats: int) -> tuple[float, float]:
@@ -201,9 +217,18 @@ def main():
     fmt = lambda x, spec: "—" if x is None else format(x, spec)
     for name in args.rules.split(","):
         ours, theirs, torch_make, buffers = RULES[name]
-        t_jft = time_jax(ours, params, grads, repeats)
-        t_optax = time_jax(theirs, params, grads, repeats) if theirs is not None else None
-        t_torch = time_torch(torch_make, shape_list, repeats) if torch_make else None
+        fns = [jax_step(ours, params, grads)]
+        if theirs is not None:
+            fns.append(jax_step(theirs, params, grads))
+        times = iter(interleaved_medians(fns, repeats))
+        t_jft = next(times)
+        t_optax = next(times) if theirs is not None else None
+        t_torch = None
+        if torch_make is not None:
+            # Timed apart: torch's OpenMP threads spin for a while after each
+            # parallel region and would slow down whatever runs next.
+            (t_torch,) = interleaved_medians([torch_step(torch_make, shape_list)], repeats)
+            time.sleep(0.5)
         moved = 4 * n * (3 + 2 * buffers)  # params r+w, grads r, each buffer r+w
         bw = moved / t_jft
         print(
