@@ -346,6 +346,8 @@ class ViT(nn.Module):
             self.dtype,
         )
         if self.num_classes:
+            # A new head starts at zero, as big_vision's fine-tuning heads (and timm's
+            # "jax" init) do: the first logits are uniform, not random.
             self.head = nn.Dense(
                 self.num_classes, dtype=self.dtype, kernel_init=nn.initializers.zeros
             )
