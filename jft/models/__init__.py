@@ -10,8 +10,29 @@ transformer blocks are ``backbone/encoder/layer_{i}``. Models with BatchNorm tak
 running statistics (see CONTRIBUTING.md for all conventions).
 """
 
+from jft.models import cnn, layers, mlp, resnet, vgg  # noqa: F401  (registers the models)
 from jft.models.bert import Bert, BertOutput
+from jft.models.cnn import CNN
+from jft.models.mlp import MLP
 from jft.models.registry import get, names, register
+from jft.models.resnet import ResNet, resnet18, resnet34, resnet50
+from jft.models.vgg import VGG, vgg16
 from jft.models.vit import ViT, resize_pos_embed
 
-__all__ = ["Bert", "BertOutput", "ViT", "get", "names", "register", "resize_pos_embed"]
+__all__ = [
+    "Bert",
+    "BertOutput",
+    "ViT",
+    "resize_pos_embed",
+    "CNN",
+    "MLP",
+    "VGG",
+    "ResNet",
+    "get",
+    "names",
+    "register",
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "vgg16",
+]

@@ -1,0 +1,102 @@
+"""Building blocks shared by the jft models: BatchNorm with frozen layers, pooling, activations."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+_ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "relu": nn.relu,
+    "gelu": nn.gelu,
+    "silu": nn.silu,
+    "swish": nn.silu,
+    "tanh": jnp.tanh,
+    "sigmoid": nn.sigmoid,
+    "softmax": nn.softmax,
+    "elu": nn.elu,
+    "leaky_relu": nn.leaky_relu,
+}
+
+
+def activation(name: str | Callable[[jax.Array], jax.Array]) -> Callable[[jax.Array], jax.Array]:
+    """Returns the activation function named ``name`` (or ``name`` itself if callable).
+
+    Raises:
+      ValueError: an unknown name; the message lists the known ones.
+    """
+    if callable(name):
+        return name
+    if name not in _ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; known: {', '.join(sorted(_ACTIVATIONS))}")
+    return _ACTIVATIONS[name]
+
+
+def is_frozen(path: str, frozen: Sequence[str]) -> bool:
+    """Whether the module ``path`` (``backbone/layer1_0/bn1``) matches a ``frozen`` regex."""
+    return any(re.fullmatch(p, path) for p in frozen)
+
+
+class BatchNorm(nn.BatchNorm):
+    """``flax.linen.BatchNorm`` with PyTorch's defaults and Keras-style frozen layers.
+
+    Call it as ``bn(x, train)``. With ``train=True`` it normalizes with the batch
+    statistics and updates the running ones (``mutable=["batch_stats"]``), unless
+    its module path (``backbone/layer1_0/bn1``) fully matches one of the ``frozen``
+    regexes: a frozen BatchNorm always uses, and never updates, its running
+    statistics, as Keras does for a layer with ``trainable=False``.
+
+    The defaults match ``torch.nn.BatchNorm2d``: ``epsilon=1e-5`` and
+    ``momentum=0.9`` (PyTorch's ``momentum=0.1`` weights the new batch, Flax's the
+    old average). The running variance is updated with the biased batch variance,
+    where PyTorch uses the unbiased one; eval-mode outputs are unaffected.
+
+    Attributes:
+      frozen: regexes over module paths of BatchNorm layers to freeze.
+    """
+
+    momentum: float = 0.9
+    frozen: tuple[str, ...] = ()
+
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:  # type: ignore[override]
+        """Normalizes ``x`` over all axes but the last."""
+        frozen = is_frozen("/".join(self.scope.path), self.frozen)
+        return super().__call__(x, use_running_average=(not train) or frozen)
+
+
+def _adaptive_matrix(size_in: int, size_out: int) -> np.ndarray:
+    # PyTorch's bins: [floor(i * n / m), ceil((i + 1) * n / m)).
+    m = np.zeros((size_out, size_in), np.float32)
+    for i in range(size_out):
+        start = (i * size_in) // size_out
+        end = -((-(i + 1) * size_in) // size_out)
+        m[i, start:end] = 1.0 / (end - start)
+    return m
+
+
+def adaptive_avg_pool(x: jax.Array, output_size: tuple[int, int]) -> jax.Array:
+    """``torch.nn.functional.adaptive_avg_pool2d`` for NHWC input, same bins.
+
+    It returns ``x`` unchanged when it already has ``output_size``.
+    """
+    h, w = x.shape[1:3]
+    oh, ow = output_size
+    if (h, w) == (oh, ow):
+        return x
+    mh = jnp.asarray(_adaptive_matrix(h, oh), x.dtype)
+    mw = jnp.asarray(_adaptive_matrix(w, ow), x.dtype)
+    return jnp.einsum("ih,jw,bhwc->bijc", mh, mw, x, precision=jax.lax.Precision.HIGHEST)
+
+
+def torch_padding(kernel_size: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Symmetric ``padding=kernel_size // 2`` as PyTorch convolutions use.
+
+    Flax's ``"SAME"`` pads asymmetrically for a stride of 2 on even sizes, which
+    would shift every pretrained feature map by one pixel.
+    """
+    p = kernel_size // 2
+    return ((p, p), (p, p))

@@ -1,0 +1,403 @@
+"""Read weights files into a flat ``name -> np.ndarray`` mapping, without running pickled code.
+
+Formats, chosen by the path:
+
+- ``.safetensors``: the header is parsed here and every tensor is a read-only
+  ``np.memmap`` view of the file, so reading copies nothing (bfloat16 and float8
+  come back as ``ml_dtypes`` arrays);
+- ``.pt``, ``.pth``, ``.bin``, ``.ckpt``: ``torch.load(weights_only=True, mmap=True)``
+  (PyTorch's safe unpickler: only tensors and plain containers; the tensors are
+  views of the memory-mapped file). Common wrappers (``{"state_dict": ...}``,
+  ``{"model": ...}``, a ``module.`` prefix from ``DataParallel``) are unwrapped and
+  nested dicts are flattened with ``.``; non-tensor entries (an epoch number)
+  are dropped;
+- ``.npz``: ``np.load(allow_pickle=False)``;
+- ``.h5``, ``.hdf5``, ``.keras``: Keras weights (see :func:`read_keras`);
+- a folder: a Hugging Face model folder (``model.safetensors``, a sharded
+  ``model.safetensors.index.json``, ``pytorch_model.bin`` or its sharded index).
+
+Every problem (a missing file, an unknown extension, a truncated file, a file
+that holds no weights, pickled code) raises a one-line
+:class:`jft.weights.WeightsError` that names the file.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import struct
+import warnings
+import zipfile
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+from jft.weights.restore import WeightsError
+
+TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+H5_SUFFIXES = (".h5", ".hdf5", ".keras")
+SUFFIXES = (".safetensors", *TORCH_SUFFIXES, ".npz", *H5_SUFFIXES)
+
+# Wrappers of a state dict in training checkpoints, tried in this order.
+_CONTAINER_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "params")
+
+_SAFETENSORS_DTYPES = {
+    "F64": np.dtype(np.float64),
+    "F32": np.dtype(np.float32),
+    "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
+    "I64": np.dtype(np.int64),
+    "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16),
+    "I8": np.dtype(np.int8),
+    "U64": np.dtype(np.uint64),
+    "U32": np.dtype(np.uint32),
+    "U16": np.dtype(np.uint16),
+    "U8": np.dtype(np.uint8),
+    "BOOL": np.dtype(np.bool_),
+}
+
+
+def _fail(path: str | os.PathLike, problem: str) -> WeightsError:
+    # One line, whatever the underlying library said.
+    problem = " ".join(str(problem).split())
+    if len(problem) > 300:
+        problem = problem[:297] + "..."
+    return WeightsError(f"{os.fspath(path)}: {problem}")
+
+
+def read(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Returns the arrays of the weights file or model folder at ``path``, by name.
+
+    Args:
+      path: a ``.safetensors``, ``.pt``/``.pth``/``.bin``/``.ckpt``, ``.npz``, Keras
+        ``.h5``/``.weights.h5``/``.keras`` file, or a Hugging Face model folder.
+
+    Returns:
+      A dict from the names in the file (``layer1.0.conv1.weight``,
+      ``block1_conv1/kernel``) to NumPy arrays in the file's own layout; key maps
+      (:mod:`jft.weights.keymaps`) turn them into jft variables. Arrays may be
+      read-only views of the memory-mapped file.
+
+    Raises:
+      WeightsError: one line naming the file and the problem.
+
+    >>> import numpy as np, tempfile, os
+    >>> path = os.path.join(tempfile.mkdtemp(), "w.npz")
+    >>> np.savez(path, **{"fc.weight": np.ones((2, 3), np.float32)})
+    >>> {k: v.shape for k, v in read(path).items()}
+    {'fc.weight': (2, 3)}
+    """
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        return _read_hf_folder(path)
+    if not os.path.exists(path):
+        raise _fail(path, "no such file or folder")
+    name = os.path.basename(path).lower()
+    if name.endswith(".safetensors"):
+        return read_safetensors(path)
+    if name.endswith(TORCH_SUFFIXES):
+        return read_torch(path)
+    if name.endswith(".npz"):
+        return read_npz(path)
+    if name.endswith(H5_SUFFIXES):
+        return read_keras(path)
+    ext = os.path.splitext(name)[1] or "(none)"
+    raise _fail(
+        path,
+        f"unknown extension {ext}; jft reads {', '.join(SUFFIXES)} files and Hugging Face folders",
+    )
+
+
+def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Reads a ``.safetensors`` file as memory-mapped arrays (no copy)."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise _fail(path, "not a safetensors file (shorter than its 8-byte header size)")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8:
+            raise _fail(
+                path,
+                f"not a safetensors file, or truncated: its header claims {n} bytes "
+                f"but the file has {size}",
+            )
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise _fail(path, f"not a safetensors file (its header is not JSON: {e})") from None
+    if not isinstance(header, dict):
+        raise _fail(path, "not a safetensors file (its header is not a JSON object)")
+    header.pop("__metadata__", None)
+    data_start = 8 + n
+    data_size = size - data_start
+    buf = np.memmap(path, dtype=np.uint8, mode="r") if data_size > 0 else np.zeros(0, np.uint8)
+    out = {}
+    for name, info in header.items():
+        try:
+            dtype = _SAFETENSORS_DTYPES[info["dtype"]]
+            shape = tuple(int(d) for d in info["shape"])
+            begin, end = (int(o) for o in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise _fail(path, f"not a safetensors file (bad header entry for {name!r})") from None
+        if end > data_size:
+            raise _fail(
+                path,
+                f"truncated: tensor {name!r} ends at byte {data_start + end} of a {size}-byte file",
+            )
+        if end - begin != int(np.prod(shape)) * dtype.itemsize:
+            raise _fail(path, f"corrupt header: tensor {name!r} has the wrong byte size")
+        out[name] = buf[data_start + begin : data_start + end].view(dtype).reshape(shape)
+    return out
+
+
+def read_torch(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Reads a PyTorch file with ``torch.load(weights_only=True, mmap=True)``.
+
+    Raises:
+      WeightsError: PyTorch is not installed, the file holds pickled objects
+        other than tensors (they are refused, never run), or it is not a PyTorch
+        file.
+    """
+    try:
+        import torch
+    except ImportError:
+        raise _fail(
+            path,
+            "reading PyTorch files needs the torch package (pip install torch), "
+            "or convert the file to .safetensors",
+        ) from None
+    import pickle
+
+    def load(mmap: bool) -> Any:
+        with warnings.catch_warnings():
+            # torch warns about pickle protocols its safe unpickler may not know.
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+
+    try:
+        try:
+            obj = load(mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            obj = load(mmap=False)  # the legacy (non-zip) format cannot be memory-mapped
+    except pickle.UnpicklingError as e:
+        msg = str(e)
+        if "weights_only" in msg or "Weights only load failed" in msg:
+            culprit = _unsafe_global(msg)
+            raise _fail(
+                path,
+                f"refused to load: the pickle holds Python objects other than tensors"
+                f"{culprit}, and jft never runs pickled code; save the weights with "
+                "safetensors (safetensors.torch.save_file(model.state_dict(), "
+                "'model.safetensors')) and read that",
+            ) from None
+        raise _fail(path, f"not a PyTorch weights file ({_first_line(msg)})") from None
+    except Exception as e:  # torch raises many types for a file that is not its own
+        with open(path, "rb") as f:
+            is_zip = f.read(2) == b"PK"
+        what = "truncated or corrupt PyTorch file" if is_zip else "not a PyTorch weights file"
+        raise _fail(path, f"{what} ({_first_line(str(e))})") from None
+
+    flat = dict(_flatten_torch(_unwrap(obj)))
+    if not flat:
+        raise _fail(path, "not a weights file: it holds no tensors")
+    if all(k.startswith("module.") for k in flat):
+        flat = {k[len("module.") :]: v for k, v in flat.items()}
+    return flat
+
+
+def _unsafe_global(msg: str) -> str:
+    # torch names the refused global: "Unsupported global: GLOBAL posix.system was not ..."
+    m = re.search(r"GLOBAL ([\w.]+)", msg)
+    return f" (it calls {m[1]})" if m else ""
+
+
+def _first_line(msg: str) -> str:
+    lines = [s.strip() for s in msg.strip().splitlines() if s.strip()]
+    return lines[0] if lines else "unknown error"
+
+
+def _unwrap(obj: Any) -> Any:
+    while isinstance(obj, Mapping):
+        inner = next((obj[k] for k in _CONTAINER_KEYS if isinstance(obj.get(k), Mapping)), None)
+        if inner is None:
+            return obj
+        obj = inner
+    return obj
+
+
+def _flatten_torch(obj: Any, prefix: str = "") -> Iterator[tuple[str, np.ndarray]]:
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        yield prefix.rstrip("."), _torch_to_numpy(obj)
+    elif isinstance(obj, Mapping):
+        for k, v in obj.items():
+            yield from _flatten_torch(v, f"{prefix}{k}.")
+    elif isinstance(obj, list | tuple) and any(isinstance(v, torch.Tensor) for v in obj):
+        for i, v in enumerate(obj):
+            yield from _flatten_torch(v, f"{prefix}{i}.")
+
+
+def _torch_to_numpy(t: Any) -> np.ndarray:
+    import torch
+
+    t = t.detach()
+    # NumPy has no bfloat16/float8: reinterpret the bits as ml_dtypes (no copy).
+    special = {
+        torch.bfloat16: (torch.int16, ml_dtypes.bfloat16),
+        torch.float8_e4m3fn: (torch.uint8, ml_dtypes.float8_e4m3fn),
+        torch.float8_e5m2: (torch.uint8, ml_dtypes.float8_e5m2),
+    }
+    if t.dtype in special:
+        as_int, np_dtype = special[t.dtype]
+        return t.view(as_int).numpy().view(np_dtype)
+    return t.numpy()
+
+
+def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Reads a ``.npz`` file (``allow_pickle=False``)."""
+    with open(path, "rb") as f:
+        if f.read(2) != b"PK":
+            raise _fail(path, "not an npz file (not a zip archive)")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return {k: npz[k] for k in npz.files}
+    except ValueError as e:
+        if "pickle" in str(e):
+            raise _fail(
+                path, "refused to load: the npz holds pickled objects, not plain arrays"
+            ) from None
+        raise _fail(path, f"not an npz file ({_first_line(str(e))})") from None
+    except (zipfile.BadZipFile, EOFError, OSError) as e:
+        raise _fail(path, f"truncated or not an npz file ({_first_line(str(e))})") from None
+
+
+def read_keras(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Reads Keras weights: ``.weights.h5`` (Keras 3), legacy ``.h5``, or ``.keras``.
+
+    Names are ``<layer>/<weight>``: legacy files (Keras 2 ``save_weights``, any
+    ``model.save("x.h5")``) name each weight (``block1_conv1/kernel``). Keras 3
+    ``.weights.h5`` files store ``layers/<layer>/vars/<i>`` with automatic layer
+    names (``conv2d_3``, ``dense_1``, by class and order) and unnamed variables;
+    jft names them by their shapes, as Keras creates them: ``kernel, bias`` (a
+    kernel alone) for Dense/Conv, ``gamma, beta`` for LayerNormalization,
+    ``gamma, beta, moving_mean, moving_variance`` for BatchNormalization, and the
+    index otherwise. Optimizer variables are dropped.
+    """
+    import h5py
+
+    try:
+        if str(path).lower().endswith(".keras"):
+            with zipfile.ZipFile(path) as z:
+                data = z.read("model.weights.h5")
+            f = h5py.File(io.BytesIO(data), "r")
+        else:
+            f = h5py.File(path, "r")
+    except KeyError:
+        raise _fail(path, "not a Keras .keras archive (no model.weights.h5 inside)") from None
+    except (OSError, zipfile.BadZipFile) as e:
+        raise _fail(path, f"truncated or not an HDF5 file ({_first_line(str(e))})") from None
+    try:
+        with f:
+            if "model_weights" in f:
+                out = _read_legacy_h5(f["model_weights"])
+            elif "layer_names" in f.attrs:
+                out = _read_legacy_h5(f)
+            elif "layers" in f or "vars" in f:
+                out = _read_keras3_h5(f)
+            else:
+                raise _fail(
+                    path, "an HDF5 file, but not Keras weights (no layers or model_weights)"
+                )
+    except OSError as e:
+        raise _fail(path, f"truncated or corrupt HDF5 file ({_first_line(str(e))})") from None
+    if not out:
+        raise _fail(path, "not a weights file: it holds no arrays")
+    return out
+
+
+def _str(x: Any) -> str:
+    return x.decode("utf8") if isinstance(x, bytes) else str(x)
+
+
+def _read_legacy_h5(group: Any) -> dict[str, np.ndarray]:
+    out = {}
+    for layer in group.attrs["layer_names"]:
+        g = group[_str(layer)]
+        for wn in g.attrs.get("weight_names", []):
+            wn = _str(wn)
+            name = wn[:-2] if wn.endswith(":0") else wn
+            out[name] = np.asarray(g[wn])
+    return out
+
+
+def _keras3_var_names(shapes: list[tuple[int, ...]]) -> list[str]:
+    ranks = [len(s) for s in shapes]
+    if len(ranks) == 2 and ranks[0] >= 2 and ranks[1] == 1:
+        return ["kernel", "bias"]
+    if len(ranks) == 1 and ranks[0] >= 2:
+        return ["kernel"]
+    if ranks == [1, 1]:
+        return ["gamma", "beta"]
+    if ranks == [1, 1, 1, 1]:
+        return ["gamma", "beta", "moving_mean", "moving_variance"]
+    return [str(i) for i in range(len(shapes))]
+
+
+def _read_keras3_h5(group: Any, prefix: str = "") -> dict[str, np.ndarray]:
+    out = {}
+    for key in group:
+        if not prefix and key in ("optimizer", "metrics"):
+            continue
+        item = group[key]
+        if key == "vars":
+            idx = sorted(item, key=int)
+            names = _keras3_var_names([tuple(item[i].shape) for i in idx])
+            for i, n in zip(idx, names, strict=True):
+                out[f"{prefix}{n}"] = np.asarray(item[i])
+        elif key == "layers" and hasattr(item, "keys"):
+            out.update(_read_keras3_h5(item, prefix))
+        elif hasattr(item, "keys"):
+            out.update(_read_keras3_h5(item, f"{prefix}{key}/"))
+    return out
+
+
+def _read_hf_folder(path: str) -> dict[str, np.ndarray]:
+    def p(name: str) -> str:
+        return os.path.join(path, name)
+
+    if os.path.exists(p("model.safetensors")):
+        return read_safetensors(p("model.safetensors"))
+    for index, reader in (
+        ("model.safetensors.index.json", read_safetensors),
+        ("pytorch_model.bin.index.json", read_torch),
+    ):
+        if os.path.exists(p(index)):
+            try:
+                with open(p(index)) as f:
+                    shards = sorted(set(json.load(f)["weight_map"].values()))
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise _fail(p(index), f"not a shard index ({e})") from None
+            out: dict[str, np.ndarray] = {}
+            for shard in shards:
+                if not os.path.exists(p(shard)):
+                    raise _fail(p(shard), f"no such file (a shard listed in {index})")
+                out.update(reader(p(shard)))
+            return out
+    if os.path.exists(p("pytorch_model.bin")):
+        return read_torch(p("pytorch_model.bin"))
+    raise _fail(
+        path,
+        "a folder without model.safetensors, model.safetensors.index.json or "
+        "pytorch_model.bin: not a Hugging Face model folder jft can read",
+    )

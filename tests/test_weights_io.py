@@ -1,0 +1,238 @@
+"""jft.weights.read for every format, convert/load_checkpoint, and peak memory on a large file."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+import safetensors.numpy
+import safetensors.torch
+import torch
+
+import jft.models
+import jft.weights
+
+
+def _state_dict():
+    g = torch.Generator().manual_seed(0)
+    return {
+        "conv1.weight": torch.randn(4, 3, 3, 3, generator=g),
+        "bn1.running_var": torch.rand(4, generator=g),
+        "fc.bias": torch.arange(5, dtype=torch.float32),
+        "emb.weight": torch.randn(3, 2, generator=g).to(torch.bfloat16),
+        "bn1.num_batches_tracked": torch.tensor(3),
+    }
+
+
+def _assert_same(flat, sd):
+    assert set(flat) == set(sd)
+    for k, t in sd.items():
+        expected = t.float().numpy() if t.dtype == torch.bfloat16 else t.numpy()
+        assert flat[k].shape == tuple(t.shape), k
+        np.testing.assert_array_equal(np.asarray(flat[k], np.float32), expected.astype(np.float32))
+    assert flat["emb.weight"].dtype == ml_dtypes.bfloat16
+
+
+def test_safetensors_is_memory_mapped(tmp_path):
+    sd = _state_dict()
+    path = tmp_path / "w.safetensors"
+    safetensors.torch.save_file(sd, str(path), metadata={"format": "pt"})
+    flat = jft.weights.read(path)
+    _assert_same(flat, sd)
+    assert isinstance(flat["conv1.weight"].base, np.memmap)  # a view, not a copy
+    assert not flat["conv1.weight"].flags.writeable
+
+
+@pytest.mark.parametrize(
+    "wrap",
+    [
+        lambda sd: sd,
+        lambda sd: {"state_dict": sd, "epoch": 3},
+        lambda sd: {"model": sd, "optimizer": {"lr": 0.1}},
+        lambda sd: {f"module.{k}": v for k, v in sd.items()},
+    ],
+    ids=["plain", "state_dict", "model", "module-prefix"],
+)
+def test_torch_containers(tmp_path, wrap):
+    sd = _state_dict()
+    path = tmp_path / "w.pth"
+    torch.save(wrap(sd), path)
+    _assert_same(jft.weights.read(path), sd)
+
+
+def test_torch_legacy_format_and_bin(tmp_path):
+    sd = _state_dict()
+    torch.save(sd, tmp_path / "w.pt", _use_new_zipfile_serialization=False)  # cannot be mmapped
+    _assert_same(jft.weights.read(tmp_path / "w.pt"), sd)
+    torch.save(sd, tmp_path / "w.bin")
+    _assert_same(jft.weights.read(tmp_path / "w.bin"), sd)
+
+
+def test_npz(tmp_path):
+    arrays = {"a.weight": np.ones((2, 3), np.float32), "b": np.arange(4)}
+    np.savez(tmp_path / "w.npz", **arrays)
+    flat = jft.weights.read(tmp_path / "w.npz")
+    assert set(flat) == set(arrays)
+    np.testing.assert_array_equal(flat["b"], arrays["b"])
+
+
+def test_hf_folders(tmp_path):
+    sd = {k: v for k, v in _state_dict().items() if k != "emb.weight"}
+    arrays = {k: v.numpy() for k, v in sd.items()}
+    # model.safetensors
+    single = tmp_path / "single"
+    single.mkdir()
+    (single / "config.json").write_text("{}")
+    safetensors.numpy.save_file(arrays, str(single / "model.safetensors"))
+    _assert_same_np(jft.weights.read(single), arrays)
+    # sharded safetensors
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    names = sorted(arrays)
+    shards = {
+        "model-00001-of-00002.safetensors": names[:2],
+        "model-00002-of-00002.safetensors": names[2:],
+    }
+    weight_map = {}
+    for shard, keys in shards.items():
+        safetensors.numpy.save_file({k: arrays[k] for k in keys}, str(sharded / shard))
+        weight_map.update(dict.fromkeys(keys, shard))
+    (sharded / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    _assert_same_np(jft.weights.read(sharded), arrays)
+    # pytorch_model.bin
+    binf = tmp_path / "bin"
+    binf.mkdir()
+    torch.save(sd, binf / "pytorch_model.bin")
+    _assert_same_np(jft.weights.read(binf), arrays)
+
+
+def _assert_same_np(flat, arrays):
+    assert set(flat) == set(arrays)
+    for k in arrays:
+        np.testing.assert_array_equal(flat[k], arrays[k])
+
+
+def test_keras3_variable_names(tmp_path):
+    import keras
+
+    inputs = keras.Input((4, 4, 3))
+    x = keras.layers.Conv2D(2, 3, name="c")(inputs)
+    x = keras.layers.BatchNormalization()(x)
+    x = keras.layers.LayerNormalization()(x)
+    x = keras.layers.Flatten()(x)
+    outputs = keras.layers.Dense(3, use_bias=False)(x)
+    model = keras.Model(inputs, outputs)
+    model.save_weights(tmp_path / "m.weights.h5")
+    flat = jft.weights.read(tmp_path / "m.weights.h5")
+    # Keras 3 names layers by class and order, whatever name= says.
+    assert set(flat) == {
+        "conv2d/kernel",
+        "conv2d/bias",
+        "batch_normalization/gamma",
+        "batch_normalization/beta",
+        "batch_normalization/moving_mean",
+        "batch_normalization/moving_variance",
+        "layer_normalization/gamma",
+        "layer_normalization/beta",
+        "dense/kernel",
+    }
+    np.testing.assert_array_equal(flat["dense/kernel"], model.layers[-1].kernel.numpy())
+
+
+def test_convert_and_load_checkpoint_round_trip(tmp_path):
+    from tests.torch_refs import import_timm
+
+    timm = import_timm()
+    ref = timm.create_model("resnet18", pretrained=False, num_classes=4).eval()
+    src = tmp_path / "r18.safetensors"
+    safetensors.torch.save_file(ref.state_dict(), str(src))
+
+    x = jnp.zeros((1, 32, 32, 3))
+    dst = tmp_path / "ckpt"
+    report = jft.weights.convert(
+        src, dst, model="resnet18", model_kwargs={"num_classes": 4}, example_input=x
+    )
+    assert not report.kept and not report.unused
+    restored = jft.weights.load_checkpoint(dst)
+
+    model = jft.models.get("resnet18", num_classes=4)
+    expected, _ = jft.weights.restore(
+        model.init(jax.random.key(0), x), jft.weights.read(src), "resnet"
+    )
+    jax.tree.map(np.testing.assert_array_equal, restored, expected)
+    assert restored["batch_stats"]["backbone"]["bn1"]["var"].shape == (64,)
+
+    # No model: the key map's output as it is, arch inferred from the names.
+    raw = tmp_path / "raw"
+    jft.weights.convert(src, raw)
+    jax.tree.map(np.testing.assert_array_equal, jft.weights.load_checkpoint(raw), expected)
+
+    with pytest.raises(jft.weights.WeightsError, match="already exists"):
+        jft.weights.convert(src, dst)
+    assert jft.weights.infer_arch(jft.weights.read(src)) == "resnet"
+
+
+_PEAK_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    import jax, jax.numpy as jnp, psutil
+    import jft.weights
+    import torch  # imported before measuring, as jft.weights.read would
+    jax.numpy.zeros(1).block_until_ready()
+
+
+    def hwm():  # peak RSS of this process image (ru_maxrss may carry the parent's across exec)
+        with open("/proc/self/status") as f:
+            return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmHWM"))
+
+
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak to the current RSS
+    base = psutil.Process().memory_info().rss
+    flat = jft.weights.read(sys.argv[1])
+    # Restore: every array into a JAX buffer, as jft.weights.restore does.
+    out = {k: jnp.asarray(v, jnp.float32) for k, v in flat.items()}
+    # jnp.asarray may alias an aligned host buffer: read every value so that each
+    # page is really in memory.
+    checksum = sum(float(jnp.sum(a)) for a in out.values())
+    print(hwm() - base)
+    """
+)
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "pth"])
+def test_peak_memory_at_most_twice_the_weights(tmp_path, fmt):
+    """Reading and restoring a 200 MB file stays within 2x its size above the baseline.
+
+    The two copies are the file's pages, mapped and counted in RSS as they are read
+    (file-backed: the kernel can drop them), and the JAX buffers; 16 MiB of slack
+    covers the interpreter's own allocations.
+    """
+    rng = np.random.default_rng(0)
+    arrays = {f"layer{i}.weight": rng.random((1024, 5 * 1024), np.float32) for i in range(10)}
+    size = sum(a.nbytes for a in arrays.values())
+    path = tmp_path / f"big.{fmt}"
+    if fmt == "safetensors":
+        safetensors.numpy.save_file(arrays, str(path))
+    else:
+        torch.save({k: torch.from_numpy(v) for k, v in arrays.items()}, path)
+    del arrays
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    res = subprocess.run(
+        [sys.executable, "-c", _PEAK_SCRIPT, str(path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    )
+    delta = int(res.stdout.split()[-1])
+    print(f"{fmt}: peak RSS above baseline {delta / 2**20:.0f} MiB for {size / 2**20:.0f} MiB")
+    assert delta <= 2 * size + 16 * 2**20, (
+        f"peak {delta / 2**20:.0f} MiB > 2 x {size / 2**20:.0f} MiB"
+    )
