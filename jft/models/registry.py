@@ -14,8 +14,13 @@ def register(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn
     """Registers a constructor under ``name`` (a decorator)."""
 
     def wrap(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        if name in _MODELS:
-            raise ValueError(f"model {name!r} is already registered")
+        old = _MODELS.get(name)
+        # The same function imported twice (pytest's importlib mode) re-registers.
+        if old is not None and (old.__module__, old.__qualname__) != (
+            fn.__module__,
+            fn.__qualname__,
+        ):
+            raise ValueError(f"model {name!r} is already registered by {old.__module__}")
         _MODELS[name] = fn
         return fn
 
