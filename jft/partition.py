@@ -29,6 +29,21 @@ import optax
 
 from jft import optim
 
+__all__ = [
+    "FROZEN",
+    "PartitionError",
+    "PartitionState",
+    "Rule",
+    "Rules",
+    "Stages",
+    "carry_over",
+    "labels",
+    "layerwise_lr_rules",
+    "merge",
+    "optimizer",
+    "split",
+]
+
 Params = Mapping[str, Any]
 Rule = tuple[str, optax.GradientTransformation | None]
 Rules = Sequence[Rule]
