@@ -27,7 +27,9 @@ class RestoreReport:
       loaded: variable paths (``params/backbone/...``) filled from the file.
       kept: variable paths kept from init, because ``skip`` matched them (a new
         head) or, with ``strict=False``, because the file lacks them.
-      unused: names in the file that no variable took.
+      unused: arrays in the file that no variable took: by their name in the
+        file when the key map does not know them, else by the variable path they
+        map to (a skipped head from the file shows as ``params/head/kernel``).
     """
 
     loaded: tuple[str, ...]
