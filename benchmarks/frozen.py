@@ -101,7 +101,7 @@ def _optax_recipe_step(model, variables, rules, loss_fn, inputs, norms):
     import jax
     import optax
 
-    from jft import partition, train
+    from jft import partition
 
     labels = jax.tree.map(
         lambda label: "freeze" if label == partition.FROZEN else "train",
@@ -110,7 +110,7 @@ def _optax_recipe_step(model, variables, rules, loss_fn, inputs, norms):
     adam = [tx for _, tx in rules if tx is not None][0]
     tx = optax.multi_transform({"train": adam, "freeze": optax.set_to_zero()}, labels)
     batch_stats = variables.get("batch_stats", {})
-    frozen_bn = train.frozen_bn_patterns(variables["params"], batch_stats, rules)
+    frozen_bn = partition.frozen_bn_patterns(variables["params"], batch_stats, rules)
     if frozen_bn:  # the same forward pass as jft's head-only step
         model = model.clone(frozen_bn=tuple(model.frozen_bn) + frozen_bn)
     state = {

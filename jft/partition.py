@@ -26,6 +26,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from flax import traverse_util
 
 from jft import optim
 
@@ -37,6 +38,7 @@ __all__ = [
     "Rules",
     "Stages",
     "carry_over",
+    "frozen_bn_patterns",
     "labels",
     "layerwise_lr_rules",
     "merge",
@@ -61,16 +63,9 @@ class PartitionError(ValueError):
 # --------------------------------------------------------------------------- paths
 
 
-def _flatten(tree: Params, prefix: str = "") -> dict[str, Any]:
+def _flatten(tree: Params) -> dict[str, Any]:
     """``{"a/b/c": leaf}`` for a nested mapping; anything not a mapping is a leaf."""
-    flat = {}
-    for key, value in tree.items():
-        path = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            flat.update(_flatten(value, path + "/"))
-        else:
-            flat[path] = value
-    return flat
+    return traverse_util.flatten_dict(tree, sep="/")
 
 
 def _filter(tree: Params, keep: Callable[[str], bool], prefix: str = "") -> dict[str, Any]:
@@ -126,19 +121,26 @@ def _compile(rules: Rules) -> list[tuple[re.Pattern[str], optax.GradientTransfor
     return compiled
 
 
+def _first_match(compiled: Sequence[tuple[re.Pattern[str], Any]], path: str) -> int | None:
+    """The index of the first rule whose regex fully matches ``path``, or None."""
+    for i, (pattern, _) in enumerate(compiled):
+        if pattern.fullmatch(path):
+            return i
+    return None
+
+
 def _rule_index(paths: Sequence[str], rules: Rules, *, check_dead: bool) -> dict[str, int]:
     """Maps each path to the index of the first rule that fully matches it."""
     compiled = _compile(rules)
     index, unmatched = {}, []
     used = [False] * len(compiled)
     for path in paths:
-        for i, (pattern, _) in enumerate(compiled):
-            if pattern.fullmatch(path):
-                index[path] = i
-                used[i] = True
-                break
-        else:
+        i = _first_match(compiled, path)
+        if i is None:
             unmatched.append(path)
+        else:
+            index[path] = i
+            used[i] = True
     if unmatched:
         raise PartitionError(
             f"{len(unmatched)} parameter(s) match no rule: {_listing(unmatched)}; "
@@ -225,6 +227,30 @@ def merge(trainable: Params, frozen: Params) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- optimizer
+
+
+def frozen_bn_patterns(params: Params, batch_stats: Params, rules: Rules) -> tuple[str, ...]:
+    """The module paths of the BatchNorm layers that ``rules`` freeze, as exact regexes.
+
+    A BatchNorm layer (a module holding ``batch_stats``) is frozen when all its
+    parameters (scale and bias) are; one without parameters is frozen when the
+    rules would freeze a ``scale`` in it. The result is what a model's
+    ``frozen_bn`` attribute takes.
+    """
+    compiled = _compile(rules)
+    flat_params = _flatten(params)
+    modules = sorted({p.rsplit("/", 1)[0] for p in _flatten(batch_stats)})
+
+    def frozen(path: str) -> bool:
+        i = _first_match(compiled, path)
+        return i is not None and compiled[i][1] is None
+
+    out = []
+    for module in modules:
+        own = [p for p in flat_params if p.rsplit("/", 1)[0] == module]
+        if all(frozen(p) for p in own or [f"{module}/scale"]):
+            out.append(re.escape(module))
+    return tuple(out)
 
 
 class PartitionState(NamedTuple):

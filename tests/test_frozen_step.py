@@ -9,6 +9,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
+from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import jft
@@ -47,7 +48,7 @@ def nbytes(tree):
 
 
 def flat(tree):
-    return partition._flatten(tree)
+    return traverse_util.flatten_dict(tree, sep="/")
 
 
 def flops(compiled):
@@ -253,7 +254,9 @@ def test_frozen_bn_needs_the_model_attribute():
     model, batch = PlainBN(), image_batch(2, 8, 3)
     variables = init(model, batch)
     rules = [("head/.*", optax.sgd(0.1)), (".*", None)]
-    assert train.frozen_bn_patterns(variables["params"], variables["batch_stats"], rules) == ("bn",)
+    assert partition.frozen_bn_patterns(variables["params"], variables["batch_stats"], rules) == (
+        "bn",
+    )
     state = train.create_train_state(variables, rules)
     with pytest.raises(ValueError, match="no frozen_bn attribute.*freeze_bn=False"):
         train.make_train_step(model, rules, xent)(state, batch)

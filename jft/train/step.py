@@ -12,7 +12,6 @@ stage.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -91,34 +90,6 @@ def create_train_state(
         opt_state=partition.optimizer(rules).init(trainable),
         rng=rng,
     )
-
-
-def frozen_bn_patterns(
-    params: Mapping[str, Any], batch_stats: Mapping[str, Any], rules: partition.Rules
-) -> tuple[str, ...]:
-    """The module paths of the BatchNorm layers that ``rules`` freeze, as exact regexes.
-
-    A BatchNorm layer (a module holding ``batch_stats``) is frozen when all its
-    parameters (scale and bias) are; one without parameters is frozen when the
-    rules would freeze a ``scale`` in it. The result is what a model's
-    ``frozen_bn`` attribute takes.
-    """
-    compiled = partition._compile(rules)
-    flat_params = partition._flatten(params)
-    modules = sorted({p.rsplit("/", 1)[0] for p in partition._flatten(batch_stats)})
-
-    def frozen(path: str) -> bool:
-        for pattern, tx in compiled:
-            if pattern.fullmatch(path):
-                return tx is None
-        return False
-
-    out = []
-    for module in modules:
-        own = [p for p in flat_params if p.rsplit("/", 1)[0] == module]
-        if all(frozen(p) for p in own or [f"{module}/scale"]):
-            out.append(re.escape(module))
-    return tuple(out)
 
 
 def _learning_rates(opt_state: Any) -> dict[str, jax.Array]:
@@ -260,7 +231,7 @@ def make_train_step(
 
 
 def _with_frozen_bn(model: nn.Module, state: TrainState, rules: partition.Rules) -> nn.Module:
-    patterns = frozen_bn_patterns(state.params, state.batch_stats, rules)
+    patterns = partition.frozen_bn_patterns(state.params, state.batch_stats, rules)
     if not patterns:
         return model
     if not hasattr(model, "frozen_bn"):
