@@ -8,7 +8,17 @@ import os
 import numpy as np
 import pytest
 
-from tests.torch_refs import import_timm
+from tests.torch_refs import (
+    BERT_CFG,
+    TOL,
+    VIT_CFG,
+    images,
+    import_timm,
+    max_diff,
+    randomize,
+    report,
+    text_batch,
+)
 
 timm = import_timm()  # first: it makes torchvision (which transformers imports) load
 
@@ -26,15 +36,6 @@ from jft.models.bert import attention_bias
 from jft.models.vit import resize_pos_embed
 from jft.weights.keymaps.vit import fit_pos_embed
 
-TOL = 1e-4
-BERT_CFG = dict(
-    vocab_size=100,
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    intermediate_size=64,
-    max_position_embeddings=64,
-)
 JFT_BERT = dict(
     vocab_size=100,
     hidden_size=32,
@@ -43,48 +44,11 @@ JFT_BERT = dict(
     intermediate_size=64,
     max_position_embeddings=64,
 )
-VIT_CFG = dict(
-    image_size=32,
-    patch_size=8,
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    intermediate_size=64,
-)
 JFT_VIT = dict(image_size=32, patch_size=8, hidden_size=32, num_layers=2, num_heads=4, mlp_dim=64)
-
-
-def randomize(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Random weights everywhere, LayerNorm scales around 1, so every mapping matters."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            noise = torch.randn(p.shape, generator=g) * 0.2
-            is_scale = p.ndim == 1 and ("norm" in name.lower()) and name.endswith("weight")
-            p.copy_(noise + 1.0 if is_scale else noise)
-    return module.eval()
-
-
-def report(arch: str, diff: float) -> None:
-    print(f"[max-diff] {arch}: {diff:.2e}")
-
-
-def max_diff(a, b) -> float:
-    return float(np.max(np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32))))
 
 
 def state_dict(module: torch.nn.Module) -> dict[str, np.ndarray]:
     return {k: v.detach().numpy() for k, v in module.state_dict().items()}
-
-
-def text_batch(seed: int = 0):
-    """Ids, a padding mask with rows of different lengths, and non-zero segment ids."""
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(1, 100, size=(3, 12))
-    lengths = np.array([12, 7, 3])
-    mask = (np.arange(12)[None] < lengths[:, None]).astype(np.int64)
-    types = (np.arange(12)[None] >= lengths[:, None] // 2).astype(np.int64) * mask
-    return ids * mask, mask, types
 
 
 def hf_bert(cls=transformers.BertModel, seed=0, **cfg):
@@ -190,11 +154,6 @@ def test_bert_restore_errors():
 
 
 # ----------------------------------------------------------------------------- ViT
-
-
-def images(n=2, size=32, seed=0):
-    x = np.random.default_rng(seed).normal(size=(n, size, size, 3)).astype(np.float32)
-    return x, torch.tensor(x.transpose(0, 3, 1, 2))
 
 
 def timm_vit(img_size=32, num_classes=7, seed=0, **kw):

@@ -10,7 +10,17 @@ import os
 import numpy as np
 import pytest
 
-from tests.torch_refs import import_timm
+from tests.torch_refs import (
+    BERT_CFG,
+    TOL,
+    VIT_CFG,
+    images,
+    import_timm,
+    max_diff,
+    randomize,
+    report,
+    text_batch,
+)
 
 import_timm()  # first: it makes torchvision (which transformers imports) load
 
@@ -21,42 +31,6 @@ import transformers
 import jft.weights
 from jft.models.bert import BertOutput
 from jft.weights import WeightsError, from_pretrained
-
-TOL = 1e-4
-BERT_CFG = dict(
-    vocab_size=100,
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    intermediate_size=64,
-    max_position_embeddings=64,
-)
-VIT_CFG = dict(
-    image_size=32,
-    patch_size=8,
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    intermediate_size=64,
-)
-
-
-def randomize(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Random weights and BatchNorm statistics, norm scales around 1."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            # Convs: std 1/sqrt(fan-in), so that activations keep their scale with depth.
-            std = 0.2 if p.ndim < 4 else p[0].numel() ** -0.5
-            noise = torch.randn(p.shape, generator=g) * std
-            is_scale = p.ndim == 1 and "norm" in name.lower() and name.endswith("weight")
-            p.copy_(noise + 1.0 if is_scale else noise)
-        for name, b in module.named_buffers():
-            if name.endswith("running_mean"):
-                b.copy_(torch.randn(b.shape, generator=g) * 0.1)
-            elif name.endswith("running_var"):
-                b.copy_(torch.rand(b.shape, generator=g) + 0.5)
-    return module.eval()
 
 
 def save(model: transformers.PreTrainedModel, folder: str, fmt: str) -> str:
@@ -70,28 +44,6 @@ def save(model: transformers.PreTrainedModel, folder: str, fmt: str) -> str:
         model.config.save_pretrained(folder)
         torch.save(model.state_dict(), os.path.join(folder, "pytorch_model.bin"))
     return folder
-
-
-def report(arch: str, diff: float) -> None:
-    print(f"[max-diff] {arch}: {diff:.2e}")
-
-
-def max_diff(a, b) -> float:
-    return float(np.max(np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32))))
-
-
-def text_batch(seed: int = 0):
-    rng = np.random.default_rng(seed)
-    lengths = np.array([10, 6, 2])
-    mask = (np.arange(10)[None] < lengths[:, None]).astype(np.int64)
-    ids = rng.integers(1, 100, size=(3, 10)) * mask
-    types = (np.arange(10)[None] >= lengths[:, None] // 2).astype(np.int64) * mask
-    return ids, mask, types
-
-
-def images(size=32, seed=0):
-    x = np.random.default_rng(seed).normal(size=(2, size, size, 3)).astype(np.float32)
-    return x, torch.tensor(x.transpose(0, 3, 1, 2))
 
 
 # ----------------------------------------------------------------------------- BERT
