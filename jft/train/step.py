@@ -8,6 +8,13 @@ whose scale and bias are frozen use and keep their running statistics (Keras's
 convention; ``freeze_bn=False`` gives PyTorch's). :func:`make_staged_train_step`
 runs :class:`jft.partition.Stages` (gradual unfreezing), compiling once per
 stage.
+
+The same step runs on one device (``parallel="none"``), data parallel under
+``jax.jit`` over a device mesh (``"jit"``, optionally with FSDP-sharded
+parameters and optimizer state) or under ``jax.pmap`` (``"pmap"``); see
+:mod:`jft.train.parallel` for placing the state and the batches. It can
+accumulate gradients over microbatches, compute in bfloat16 with float32
+parameters, and skips (and counts) steps whose gradients are not finite.
 """
 
 from __future__ import annotations
@@ -20,12 +27,17 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import Mesh
 
 from jft import partition
+from jft.train import parallel as parallel_lib
+from jft.train.parallel import AXIS
 
 Batch = Mapping[str, Any]
 LossFn = Callable[[Any, Batch], jax.Array | tuple[jax.Array, dict[str, jax.Array]]]
 StepFn = Callable[["TrainState", Batch], tuple["TrainState", dict[str, jax.Array]]]
+
+PARALLEL_MODES = ("none", "jit", "pmap")
 
 
 @flax.struct.dataclass
@@ -39,6 +51,8 @@ class TrainState:
       batch_stats: the BatchNorm running statistics (``{}`` without BatchNorm).
       opt_state: the :func:`jft.partition.optimizer` state of ``trainable``.
       rng: a raw ``uint32[2]`` PRNG key; step ``t`` uses ``fold_in(rng, t)``.
+      nonfinite: how many steps in a row, up to this one, had non-finite
+        gradients (and so were skipped); an int32 scalar, 0 after a good step.
     """
 
     step: jax.Array
@@ -47,6 +61,7 @@ class TrainState:
     batch_stats: dict[str, Any]
     opt_state: Any
     rng: jax.Array
+    nonfinite: jax.Array
 
     @property
     def params(self) -> dict[str, Any]:
@@ -89,6 +104,7 @@ def create_train_state(
         batch_stats=dict(variables.get("batch_stats", {})),
         opt_state=partition.optimizer(rules).init(trainable),
         rng=rng,
+        nonfinite=jnp.zeros((), jnp.int32),
     )
 
 
@@ -128,6 +144,57 @@ def _model_inputs(
     return (args,), {}
 
 
+def _cast_floats(tree: Any, dtype: Any) -> Any:
+    """Casts the floating leaves of ``tree`` to ``dtype``, leaving integers and bools alone."""
+    return jax.tree.map(
+        lambda x: x.astype(dtype) if jnp.issubdtype(jnp.result_type(x), jnp.floating) else x,
+        tree,
+    )
+
+
+def _all_finite(tree: Any) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+
+def _microbatches(batch: Batch, k: int) -> Batch:
+    """``(B, ...)`` leaves as ``(k, B // k, ...)``; microbatch ``m`` holds rows ``m, m + k, ...``.
+
+    Strided rather than contiguous so that each microbatch takes the same rows of
+    every device's shard: under a mesh the split needs no communication, and
+    ``"none"``, ``"jit"`` and ``"pmap"`` group the same examples.
+    """
+
+    def split(x):
+        if x.shape[0] % k:
+            raise ValueError(
+                f"a batch of {x.shape[0]} rows (per device under pmap) does not split into "
+                f"grad_accum_steps={k} microbatches"
+            )
+        return jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1)
+
+    return jax.tree.map(split, dict(batch))
+
+
+def _cross_replica_batch_norm(axis_name: str) -> Callable[..., Any]:
+    """A flax method interceptor: BatchNorm layers reduce their statistics over ``axis_name``.
+
+    Under ``pmap`` each device sees its shard of the batch; with this, BatchNorm
+    normalizes with the statistics of the global batch (``nn.BatchNorm``'s
+    ``axis_name``), as one device and the mesh path do. The layers are built
+    fresh at each ``apply``, so setting the field on the bound instance changes
+    nothing outside this trace.
+    """
+
+    def interceptor(next_fun, args, kwargs, context):
+        module = context.module
+        if isinstance(module, nn.BatchNorm) and module.axis_name is None:
+            object.__setattr__(module, "axis_name", axis_name)
+        return next_fun(*args, **kwargs)
+
+    return interceptor
+
+
 def make_train_step(
     model: nn.Module,
     rules: partition.Rules,
@@ -136,20 +203,48 @@ def make_train_step(
     inputs: str | Callable[[Batch], Any] = "image",
     freeze_bn: bool = True,
     learning_rate: optax.ScalarOrSchedule | None = None,
+    parallel: str = "none",
+    mesh: Mesh | None = None,
+    fsdp: bool = False,
+    grad_accum_steps: int = 1,
+    compute_dtype: Any = None,
     jit: bool = True,
     donate: bool = True,
 ) -> StepFn:
     """Builds the train step ``(state, batch) -> (state, metrics)`` for ``rules``.
 
     Only ``state.trainable`` is differentiated; ``state.frozen`` enters as a
-    constant, so no gradient (and no backward compute) exists for it. The step is
-    pure, so it also runs under a device mesh with sharded batches.
+    constant, so no gradient (and no backward compute) exists for it.
+
+    Parallel modes (place the state with :func:`jft.train.parallel.place_state`
+    and each batch with :func:`jft.train.parallel.shard_batch`):
+
+    - ``"none"``: ``jax.jit`` on one device.
+    - ``"jit"``: ``jax.jit`` over ``mesh`` (default: every device on one ``"data"``
+      axis); the batch is sharded over the axis, the state replicated, or with
+      ``fsdp`` the large parameter and optimizer-state leaves are sharded over
+      the same axis (XLA gathers them for the forward pass and reduce-scatters
+      the gradients). BatchNorm statistics are those of the global batch.
+    - ``"pmap"``: ``jax.pmap`` over the local devices, the state replicated with
+      a leading device axis; gradients, metrics and BatchNorm statistics are
+      averaged over the ``"data"`` axis (``nn.BatchNorm.axis_name``), so the
+      step equals the one-device step on the global batch. Dropout masks are
+      drawn per device from the same key, so they differ from one device's.
+
+    A step whose gradients (or loss) are not finite is skipped: the trainable
+    parameters, optimizer state and BatchNorm statistics keep their values,
+    ``state.nonfinite`` counts the skipped steps in a row (0 after a good step)
+    and ``state.step`` still advances, so the next step draws a fresh dropout
+    key and the learning-rate schedule moves on (the optimizer's own counters,
+    as in ``optax.apply_if_finite``, do not). Stopping after too many skipped
+    steps is the caller's choice (``metrics["nonfinite"]``).
 
     Args:
       model: a flax module called as ``model.apply(variables, *args, train=True)``.
       rules: the ``(regex, optimizer_or_None)`` pairs the state was created with.
-      loss_fn: ``loss_fn(model_output, batch)`` returning a scalar loss, or
-        ``(loss, metrics)`` with more scalar metrics to report.
+      loss_fn: ``loss_fn(model_output, batch)`` returning a scalar mean loss, or
+        ``(loss, metrics)`` with more scalar metrics to report (e.g. from
+        :func:`jft.train.losses.get`).
       inputs: the batch key of the model's single input, or ``batch -> args``
         returning a value, a tuple of positional arguments, or a dict of keyword
         arguments.
@@ -160,55 +255,140 @@ def make_train_step(
       learning_rate: reported as ``metrics["lr"]`` (a schedule is evaluated at
         ``state.step``). Without it, the learning rates of optimizers built with
         ``optax.inject_hyperparams`` are reported.
-      jit: return ``jax.jit(step)``, else the plain function.
-      donate: donate the state's buffers to the step (with ``jit``).
+      parallel: ``"none"``, ``"jit"`` or ``"pmap"``.
+      mesh: the device mesh of ``"jit"`` (:func:`jft.train.parallel.make_mesh`).
+      fsdp: shard parameters and optimizer state over the mesh (``"jit"`` only);
+        the state must be placed with the same ``fsdp``.
+      grad_accum_steps: split each batch into this many microbatches, run them
+        one after the other (``jax.lax.scan``) and average their gradients:
+        the same update as the whole batch for a loss that is a mean over
+        examples, with the activation memory of one microbatch. BatchNorm
+        running statistics are updated once per microbatch, and normalise with
+        each microbatch's statistics, so a model with BatchNorm differs slightly
+        from one large batch. The batch (per device under pmap) must divide.
+      compute_dtype: e.g. ``jnp.bfloat16``: floating model inputs are cast to it
+        and a model with a ``dtype`` attribute computes in it; parameters,
+        gradients, optimizer state and the loss stay float32 (the model output
+        is cast to float32 before ``loss_fn``).
+      jit: compile the step (``parallel="none"`` only), else the plain function.
+      donate: donate the state's buffers to the step.
 
     Returns:
       The step. Its metrics: ``loss``, ``grad_norm``, ``update_norm``,
-      ``param_norm`` (of the trainable parameters), learning rates, and the
-      metrics of ``loss_fn``.
+      ``param_norm`` (of the trainable parameters), learning rates,
+      ``nonfinite`` (the state's counter after this step; > 0 means this step
+      was skipped), and the metrics of ``loss_fn``. They are scalars in every
+      mode (averaged over devices under ``pmap``).
+
+    Raises:
+      ValueError: an unknown ``parallel``, ``fsdp`` without ``"jit"``, or
+        ``grad_accum_steps < 1``.
     """
+    if parallel not in PARALLEL_MODES:
+        raise ValueError(f"parallel must be one of {PARALLEL_MODES}, got {parallel!r}")
+    if fsdp and parallel != "jit":
+        raise ValueError(f"fsdp=True needs parallel='jit', got parallel={parallel!r}")
+    if grad_accum_steps < 1:
+        raise ValueError(f"grad_accum_steps must be >= 1, got {grad_accum_steps}")
+    if compute_dtype is not None:
+        compute_dtype = jnp.dtype(compute_dtype)
+        if hasattr(model, "dtype") and model.dtype != compute_dtype:
+            model = model.clone(dtype=compute_dtype)
+    if parallel == "jit" and mesh is None:
+        mesh = parallel_lib.make_mesh()
+    axis_name = AXIS if parallel == "pmap" else None
     tx = partition.optimizer(rules)
+    k = grad_accum_steps
 
     def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
-        args, kwargs = _model_inputs(inputs, batch)
+        if parallel == "jit":
+            batch = parallel_lib.constrain_batch(batch, mesh)
         rng = jax.random.fold_in(state.rng, state.step)
         has_bn = bool(state.batch_stats)
         # Only the paths matter here, so this runs once, at trace time.
         model_ = _with_frozen_bn(model, state, rules) if freeze_bn and has_bn else model
 
-        def loss_of(trainable):
-            variables = {"params": partition.merge(trainable, state.frozen)}
-            if has_bn:
-                variables["batch_stats"] = state.batch_stats
-            out = model_.apply(
-                variables,
-                *args,
-                train=True,
-                rngs={"dropout": rng},
-                mutable=["batch_stats"] if has_bn else False,
-                **kwargs,
-            )
-            batch_stats = state.batch_stats
-            if has_bn:
-                out, updated = out
-                batch_stats = dict(updated["batch_stats"])
-            loss = loss_fn(out, batch)
-            aux = {}
-            if isinstance(loss, tuple):
-                loss, aux = loss
-            return loss, (batch_stats, aux)
+        def grads_of(batch_stats, batch, rng):
+            args, kwargs = _model_inputs(inputs, batch)
+            if compute_dtype is not None:
+                args, kwargs = _cast_floats((args, kwargs), compute_dtype)
 
-        (loss, (batch_stats, aux)), grads = jax.value_and_grad(loss_of, has_aux=True)(
-            state.trainable
-        )
+            def loss_of(trainable):
+                variables = {"params": partition.merge(trainable, state.frozen)}
+                if has_bn:
+                    variables["batch_stats"] = batch_stats
+                out = model_.apply(
+                    variables,
+                    *args,
+                    train=True,
+                    rngs={"dropout": rng},
+                    mutable=["batch_stats"] if has_bn else False,
+                    **kwargs,
+                )
+                new_stats = batch_stats
+                if has_bn:
+                    out, updated = out
+                    new_stats = dict(updated["batch_stats"])
+                if compute_dtype is not None:
+                    out = _cast_floats(out, jnp.float32)
+                loss = loss_fn(out, batch)
+                aux = {}
+                if isinstance(loss, tuple):
+                    loss, aux = loss
+                return loss, (new_stats, aux)
+
+            if axis_name is not None and has_bn:
+                with nn.intercept_methods(_cross_replica_batch_norm(axis_name)):
+                    return _value_and_grad(loss_of, state.trainable)
+            return _value_and_grad(loss_of, state.trainable)
+
+        if k == 1:
+            loss, (batch_stats, aux), grads = grads_of(state.batch_stats, batch, rng)
+        else:
+            micro = _microbatches(batch, k)
+            if parallel == "jit":
+                micro = parallel_lib.constrain_batch(micro, mesh, batch_axis=1)
+
+            def body(carry, xs):
+                batch_stats, grad_sum = carry
+                i, mb = xs
+                loss, (batch_stats, aux), grads = grads_of(
+                    batch_stats, mb, jax.random.fold_in(rng, i)
+                )
+                grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
+                return (batch_stats, grad_sum), (loss, aux)
+
+            zeros = jax.tree.map(jnp.zeros_like, state.trainable)
+            (batch_stats, grads), (losses, auxes) = jax.lax.scan(
+                body, (state.batch_stats, zeros), (jnp.arange(k), micro)
+            )
+            grads = jax.tree.map(lambda g: g / k, grads)
+            loss = jnp.mean(losses)
+            aux = jax.tree.map(lambda a: jnp.mean(a, axis=0), auxes)
+
+        if axis_name is not None:
+            grads, loss, aux = jax.lax.pmean((grads, loss, aux), axis_name)
+        finite = _all_finite(grads) & jnp.isfinite(loss)
         updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
+
+        def keep_if_finite(new, old):
+            return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+        nonfinite = jnp.where(finite, 0, state.nonfinite + 1).astype(jnp.int32)
+        new_state = state.replace(
+            step=state.step + 1,
+            trainable=keep_if_finite(trainable, state.trainable),
+            batch_stats=keep_if_finite(batch_stats, state.batch_stats),
+            opt_state=keep_if_finite(opt_state, state.opt_state),
+            nonfinite=nonfinite,
+        )
         metrics = {
             "loss": loss,
             "grad_norm": optax.global_norm(grads),
             "update_norm": optax.global_norm(updates),
-            "param_norm": optax.global_norm(trainable),
+            "param_norm": optax.global_norm(new_state.trainable),
+            "nonfinite": nonfinite,
             **aux,
         }
         if learning_rate is None:
@@ -217,17 +397,28 @@ def make_train_step(
             metrics["lr"] = jnp.asarray(learning_rate(state.step), jnp.float32)
         else:
             metrics["lr"] = jnp.asarray(learning_rate, jnp.float32)
-        new_state = state.replace(
-            step=state.step + 1,
-            trainable=trainable,
-            batch_stats=batch_stats,
-            opt_state=opt_state,
-        )
+        if axis_name is not None:
+            # Every value is the same on each device by now; pmax marks it so, for out_axes=None.
+            metrics = jax.lax.pmax(metrics, axis_name)
+        if parallel == "jit":
+            new_state = jax.lax.with_sharding_constraint(
+                new_state, parallel_lib.state_shardings(new_state, mesh, fsdp=fsdp)
+            )
         return new_state, metrics
 
+    donate_argnums = 0 if donate else ()
+    if parallel == "pmap":
+        return jax.pmap(step, axis_name=AXIS, donate_argnums=donate_argnums, out_axes=(0, None))
+    if parallel == "jit":
+        return jax.jit(step, donate_argnums=donate_argnums)
     if not jit:
         return step
-    return jax.jit(step, donate_argnums=0 if donate else ())
+    return jax.jit(step, donate_argnums=donate_argnums)
+
+
+def _value_and_grad(loss_of, trainable):
+    (loss, aux), grads = jax.value_and_grad(loss_of, has_aux=True)(trainable)
+    return loss, aux, grads
 
 
 def _with_frozen_bn(model: nn.Module, state: TrainState, rules: partition.Rules) -> nn.Module:
