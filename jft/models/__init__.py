@@ -16,7 +16,7 @@ from jft.models.cnn import CNN
 from jft.models.mlp import MLP
 from jft.models.registry import get, names, register
 from jft.models.resnet import ResNet, resnet18, resnet34, resnet50
-from jft.models.vgg import VGG, vgg16
+from jft.models.vgg import VGG, VGGFlattenHead, vgg16, vgg16_flatten
 from jft.models.vit import ViT, resize_pos_embed
 
 __all__ = [
@@ -26,6 +26,7 @@ __all__ = [
     "MLP",
     "ResNet",
     "VGG",
+    "VGGFlattenHead",
     "ViT",
     "get",
     "names",
@@ -35,4 +36,5 @@ __all__ = [
     "resnet34",
     "resnet50",
     "vgg16",
+    "vgg16_flatten",
 ]

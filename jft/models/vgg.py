@@ -173,3 +173,55 @@ def vgg(
 def vgg16(**kwargs: Any) -> VGG:
     """VGG-16 (torchvision/timm ``vgg16``, Keras ``VGG16``); ``kwargs`` as :func:`vgg`."""
     return vgg((2, 2, 3, 3, 3), **kwargs)
+
+
+class VGGFlattenHead(nn.Module):
+    """A VGG conv base, then Flatten, ``Dense(hidden)`` + ReLU and ``head`` (the Keras recipe).
+
+    The classic transfer set-up of the Keras guides: ``VGG16(include_top=False)``
+    frozen, ``Flatten()``, ``Dense(1024, "relu")``, ``Dense(num_classes)``. Paths:
+    ``backbone/conv{b}_{i}`` (load them from any VGG-16 weights), ``fc`` and ``head``.
+
+    Attributes:
+      hidden: width of the dense layer after the flatten.
+      num_classes: classes of the head.
+      dropout_rate: dropout after ``fc`` in train mode.
+      dtype: compute dtype (parameters stay float32).
+    """
+
+    hidden: int = 1024
+    num_classes: int = 10
+    dropout_rate: float = 0.0
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        """NHWC images (at least 32×32) -> logits ``(B, num_classes)``."""
+        backbone = VGGBackbone(
+            (2, 2, 3, 3, 3), (64, 128, 256, 512, 512), False, dtype=self.dtype, name="backbone"
+        )
+        x = backbone(x, train, features_only=True)
+        x = x.reshape(x.shape[0], -1)
+        x = nn.relu(nn.Dense(self.hidden, dtype=self.dtype, name="fc")(x))
+        x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+        return nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x)
+
+
+@register("vgg16_flatten")
+def vgg16_flatten(
+    hidden: int = 1024,
+    num_classes: int = 10,
+    *,
+    dropout_rate: float = 0.0,
+    dtype: Dtype = jnp.float32,
+) -> VGGFlattenHead:
+    """VGG-16's conv base, Flatten, Dense(``hidden``), Dense(``num_classes``); see
+    :class:`VGGFlattenHead`.
+
+    >>> import jax, jax.numpy as jnp
+    >>> model = vgg16_flatten(hidden=16, num_classes=10)
+    >>> x = jnp.zeros((1, 32, 32, 3))
+    >>> model.apply(model.init(jax.random.key(0), x), x).shape
+    (1, 10)
+    """
+    return VGGFlattenHead(hidden, num_classes, dropout_rate, dtype)
