@@ -1,0 +1,221 @@
+"""jft.train engine: parallel modes agree, gradient accumulation, non-finite guard, bf16."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import traverse_util
+
+import jft.models
+from jft import train
+from jft.train import losses, parallel
+
+MODES = ("none", "jit", "pmap")
+
+
+def cnn():
+    # dropout_rate=0: under pmap each device draws its masks from the same key, so
+    # dropout differs from one device's; everything else must agree.
+    return jft.models.get("cnn", widths=(8, 16), num_classes=10, dropout_rate=0.0)
+
+
+def mlp(**kwargs):
+    return jft.models.get("mlp", widths=(64, 64), num_classes=10, **kwargs)
+
+
+def batches(n, rows=32, seed=0):
+    rng = np.random.default_rng(seed)
+    return [
+        {
+            "image": rng.normal(size=(rows, 8, 8, 1)).astype(np.float32),
+            "label": rng.integers(0, 10, rows).astype(np.int32),
+        }
+        for _ in range(n)
+    ]
+
+
+def init(model):
+    variables = jax.jit(model.init)(jax.random.key(0), np.zeros((2, 8, 8, 1), np.float32))
+    return jax.tree.map(np.asarray, variables)
+
+
+def flat(tree):
+    return {k: np.asarray(v) for k, v in traverse_util.flatten_dict(tree, sep="/").items()}
+
+
+def max_diff(a, b):
+    a, b = flat(a), flat(b)
+    assert sorted(a) == sorted(b)
+    return max(float(np.max(np.abs(a[k] - b[k]))) for k in a)
+
+
+def train_run(model, mode, data, *, rules=None, fsdp=False, **kwargs):
+    rules = rules or [(".*", optax.adam(1e-2))]
+    state = train.create_train_state(init(model), rules)
+    mesh = parallel.make_mesh() if mode == "jit" else None
+    state = parallel.place_state(state, mode, mesh, fsdp=fsdp)
+    step = train.make_train_step(
+        model, rules, losses.get("softmax_xent"), parallel=mode, mesh=mesh, fsdp=fsdp, **kwargs
+    )
+    for batch in data:
+        state, metrics = step(state, parallel.shard_batch(batch, mode, mesh))
+    return parallel.host_state(state, mode), metrics
+
+
+def test_modes_agree_after_20_steps_with_batchnorm():
+    data = batches(20)
+    got = {mode: train_run(cnn(), mode, data) for mode in MODES}
+    want, _ = got["none"]
+    for mode in ("jit", "pmap"):
+        state, metrics = got[mode]
+        diff = max_diff(
+            {"p": want.params, "bs": want.batch_stats}, {"p": state.params, "bs": state.batch_stats}
+        )
+        print(f"{mode} vs one device after 20 steps: {diff:.2e}")
+        assert diff <= 1e-5, mode
+        assert int(state.step) == 20
+        assert np.isclose(float(metrics["loss"]), float(got["none"][1]["loss"]), atol=1e-5)
+
+
+def test_fsdp_shards_params_and_optimizer_state_and_agrees(monkeypatch):
+    monkeypatch.setattr(parallel, "FSDP_MIN_SIZE", 256)  # the small cnn's leaves are tiny
+    data = batches(5)
+    want, _ = train_run(cnn(), "none", data)
+    rules = [(".*", optax.adam(1e-2))]
+    mesh = parallel.make_mesh()
+    state = parallel.place_state(
+        train.create_train_state(init(cnn()), rules), "jit", mesh, fsdp=True
+    )
+    kernel = state.trainable["backbone"]["conv2"]["kernel"]  # (3, 3, 8, 16)
+    assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, None, None, "data")
+    assert kernel.addressable_shards[0].data.shape == (3, 3, 8, 2)
+    step = train.make_train_step(
+        cnn(), rules, losses.get("softmax_xent"), parallel="jit", mesh=mesh, fsdp=True
+    )
+    for batch in data:
+        state, _ = step(state, parallel.shard_batch(batch, "jit", mesh))
+    kernel = state.trainable["backbone"]["conv2"]["kernel"]
+    assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, None, None, "data")
+    moments = [x for x in jax.tree.leaves(state.opt_state) if x.shape == kernel.shape]
+    assert len(moments) == 2  # Adam's mu and nu
+    assert all(x.sharding.spec == kernel.sharding.spec for x in moments)
+    assert max_diff(want.params, state.params) <= 1e-5
+
+
+def test_four_microbatches_of_8_equal_one_batch_of_32():
+    data = batches(3)
+    whole, m1 = train_run(mlp(), "none", data)
+    accum, m4 = train_run(mlp(), "none", data, grad_accum_steps=4)
+    assert max_diff(whole.params, accum.params) <= 1e-5
+    assert np.isclose(float(m1["loss"]), float(m4["loss"]), atol=1e-6)
+    assert np.isclose(float(m1["grad_norm"]), float(m4["grad_norm"]), rtol=1e-5)
+
+
+def test_accumulation_threads_batchnorm_stats_and_agrees_across_modes():
+    data = batches(3)
+    got = {mode: train_run(cnn(), mode, data, grad_accum_steps=4)[0] for mode in MODES}
+    for mode in ("jit", "pmap"):
+        diff = max_diff(
+            {"p": got["none"].params, "bs": got["none"].batch_stats},
+            {"p": got[mode].params, "bs": got[mode].batch_stats},
+        )
+        assert diff <= 1e-5, mode
+    # One step: the running statistics see the 4 microbatches (rows m, m+4, ...) in turn.
+    model, variables = cnn(), init(cnn())
+    state, _ = train_run(
+        model, "none", data[:1], rules=[(".*", optax.sgd(0.0))], grad_accum_steps=4
+    )
+    stats = variables["batch_stats"]
+    for m in range(4):
+        micro = data[0]["image"][m::4]
+        _, new = model.apply(
+            {"params": variables["params"], "batch_stats": stats},
+            micro,
+            train=True,
+            mutable=["batch_stats"],
+        )
+        stats = new["batch_stats"]
+    assert max_diff(stats, state.batch_stats) <= 1e-6
+
+
+@pytest.mark.parametrize("mode", ["none", "jit", "pmap"])
+def test_nonfinite_steps_are_skipped_and_counted(mode):
+    model = cnn()
+    rules = [(".*", optax.adam(1e-2))]
+    mesh = parallel.make_mesh() if mode == "jit" else None
+    state = parallel.place_state(train.create_train_state(init(model), rules), mode, mesh)
+    step = train.make_train_step(
+        model, rules, losses.get("softmax_xent"), parallel=mode, mesh=mesh, donate=False
+    )
+    (good,) = batches(1)
+    bad = {**good, "image": good["image"].copy()}
+    bad["image"][3, 2, 2, 0] = np.nan
+    state, m = step(state, parallel.shard_batch(good, mode, mesh))
+    assert int(m["nonfinite"]) == 0
+    before = jax.tree.map(np.asarray, parallel.host_state(state, mode))
+    for i in (1, 2, 3):
+        state, m = step(state, parallel.shard_batch(bad, mode, mesh))
+        assert int(m["nonfinite"]) == i
+        host = parallel.host_state(state, mode)
+        assert int(host.nonfinite) == i and int(host.step) == 1 + i
+    host = jax.tree.map(np.asarray, parallel.host_state(state, mode))
+    assert max_diff(before.params, host.params) == 0.0
+    assert max_diff(before.batch_stats, host.batch_stats) == 0.0
+    for a, b in zip(
+        jax.tree.leaves(before.opt_state), jax.tree.leaves(host.opt_state), strict=True
+    ):
+        np.testing.assert_array_equal(a, b)
+    state, m = step(state, parallel.shard_batch(good, mode, mesh))
+    assert int(m["nonfinite"]) == 0
+    assert max_diff(before.params, parallel.host_state(state, mode).params) > 0
+
+
+def test_bf16_compute_keeps_float32_params_and_state():
+    data = batches(1)
+    rules = [(".*", optax.adam(1e-3))]
+    model = cnn()
+    loss = losses.get("softmax_xent")
+    state32 = train.create_train_state(init(model), rules)
+    state16 = train.create_train_state(init(model), rules)
+    step32 = train.make_train_step(model, rules, loss, donate=False)
+    step16 = train.make_train_step(model, rules, loss, compute_dtype=jnp.bfloat16, donate=False)
+    batch = parallel.shard_batch(data[0], "none")
+    # The convolutions and the head run in bfloat16.
+    jaxpr = str(jax.make_jaxpr(step16)(state16, batch))
+    assert "conv_general_dilated" in jaxpr and "bf16[32,8,8,8]" in jaxpr
+    s32, m32 = step32(state32, batch)
+    s16, m16 = step16(state16, batch)
+    for leaf in jax.tree.leaves((s16.trainable, s16.opt_state, s16.batch_stats)):
+        if jnp.issubdtype(leaf.dtype, jnp.floating):
+            assert leaf.dtype == jnp.float32
+    assert m16["loss"].dtype == jnp.float32
+    assert float(m16["loss"]) != float(m32["loss"])
+    assert abs(float(m16["loss"]) - float(m32["loss"])) <= 2e-2 * abs(float(m32["loss"]))
+    assert max_diff(s16.params, s32.params) <= 2e-3  # one Adam step of 1e-3
+
+
+def test_step_metrics():
+    schedule = optax.linear_schedule(1e-2, 0.0, 10)
+    rules = [(".*", optax.sgd(schedule))]
+    model = mlp()
+    state = train.create_train_state(init(model), rules)
+    step = train.make_train_step(model, rules, losses.get("softmax_xent"), learning_rate=schedule)
+    _, m = step(state, parallel.shard_batch(batches(1)[0], "none"))
+    assert set(m) >= {"loss", "lr", "grad_norm", "update_norm", "param_norm", "nonfinite"}
+    assert np.isclose(float(m["update_norm"]), 1e-2 * float(m["grad_norm"]), rtol=1e-5)
+
+
+def test_bad_arguments():
+    model, rules, loss = mlp(), [(".*", optax.sgd(0.1))], losses.get("mse")
+    with pytest.raises(ValueError, match="parallel"):
+        train.make_train_step(model, rules, loss, parallel="ddp")
+    with pytest.raises(ValueError, match="fsdp"):
+        train.make_train_step(model, rules, loss, parallel="pmap", fsdp=True)
+    with pytest.raises(ValueError, match="grad_accum_steps"):
+        train.make_train_step(model, rules, loss, grad_accum_steps=0)
+    with pytest.raises(ValueError, match="divide"):
+        parallel.shard_batch({"x": np.zeros((12, 2))}, "pmap")
+    step = train.make_train_step(model, rules, losses.get("softmax_xent"), grad_accum_steps=3)
+    with pytest.raises(ValueError, match="microbatches"):
+        step(train.create_train_state(init(model), rules), batches(1)[0])
