@@ -1,6 +1,10 @@
 """Training: the train state and a pure train step that differentiates trainable parameters only."""
 
-from jft.train import distributed, losses, metrics, parallel
+from jft.train import checkpoint, distributed, losses, metrics, parallel
+from jft.train.checkpoint import Checkpointer, CheckpointError, Restored, read_metadata
+from jft.train.config import ConfigError, default_config
+from jft.train.export import export
+from jft.train.loop import NonFiniteError, evaluate, train_and_evaluate
 from jft.train.parallel import host_state, make_mesh, place_state, shard_batch
 from jft.train.step import (
     StagedTrainStep,
@@ -12,10 +16,19 @@ from jft.train.step import (
 )
 
 __all__ = [
+    "CheckpointError",
+    "Checkpointer",
+    "ConfigError",
+    "NonFiniteError",
+    "Restored",
     "StagedTrainStep",
     "TrainState",
+    "checkpoint",
     "create_train_state",
+    "default_config",
     "distributed",
+    "evaluate",
+    "export",
     "host_state",
     "losses",
     "make_staged_train_step",
@@ -24,6 +37,8 @@ __all__ = [
     "metrics",
     "parallel",
     "place_state",
+    "read_metadata",
     "restage",
     "shard_batch",
+    "train_and_evaluate",
 ]
