@@ -1,5 +1,6 @@
 """jft.data: builders, catalog names offline, the grain pipeline, preprocessing."""
 
+import importlib.util
 import json
 import os
 import time
@@ -196,6 +197,17 @@ def test_catalog_name_prepared_reads_like_digits_and_tokenizes(tmp_path):
     np.testing.assert_array_equal(hello, [101, 7592, 2088, 102, 0, 0])
     np.testing.assert_array_equal(ev[0]["attention_mask"][1], [1, 1, 1, 1, 0, 0])
     assert jft.data.info(c).features["input_ids"] == ((6,), np.int32)
+
+
+def test_tfrecord_only_without_tensorflow_says_so(tmp_path):
+    c = {"name": "jft_test_text", "data_dir": str(tmp_path), "download": True}
+    get(c)
+    info = tmp_path / "jft_test_text" / "1.0.0" / "dataset_info.json"
+    info.write_text(info.read_text().replace('"array_record"', '"tfrecord"'))
+    jft.data.sources._MEMORY.clear()  # forget the copy read above
+    assert importlib.util.find_spec("tensorflow") is None  # the base install has no TF
+    with pytest.raises(jft.data.DataError, match=r"tfrecord.*pip install 'jft\[tf\]'"):
+        get({**c, "download": False})
 
 
 def test_image_folder_of_pngs(tmp_path):

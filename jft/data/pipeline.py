@@ -12,7 +12,6 @@ iterator state (the next batch number) restores the stream exactly.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import sys
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -103,10 +102,15 @@ class _BatchMaker:
         self.n = len(split.indices)
         self.global_batch, self.local_batch, self.offset = global_batch, local_batch, offset
         self.pixel_max = split.dataset.pixel_max
+        self._perms: dict[int, np.ndarray] = {}
 
-    @functools.lru_cache(maxsize=2)  # noqa: B019 (one maker per pipeline; two epochs at once)
     def _perm(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(self.n)
+        perm = self._perms.get(epoch)
+        if perm is None:
+            perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+            # A batch spans at most two epochs; threads may prefetch one more.
+            self._perms = {**dict(list(self._perms.items())[-2:]), epoch: perm}
+        return perm
 
     def __call__(self, batch: int) -> dict[str, np.ndarray]:
         start = batch * self.global_batch + self.offset

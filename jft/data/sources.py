@@ -173,7 +173,7 @@ class Dataset:
         self._check_split(split)
         key = (str(self.builder.data_path), split)
         with _LOCK:
-            if key in _MEMORY:
+            if key in _MEMORY and cache is not False:
                 _MEMORY.move_to_end(key)
                 return _MEMORY[key]
         if self.builder.info.file_format != tfds.core.FileFormat.ARRAY_RECORD:
@@ -222,8 +222,14 @@ class Dataset:
                 "install TensorFlow (pip install 'jft[tf]') to read it, or prepare it as "
                 f"array_record (tfds build {self.name} --file_format=array_record)"
             )
-        ds = tfds.as_numpy(self.builder.as_dataset(split=split, shuffle_files=False))
-        rows = list(ds)
+        ds = tfds.load(
+            self.name,
+            split=split,
+            data_dir=self.builder.data_dir_root,
+            download=False,
+            shuffle_files=False,
+        )
+        rows = list(tfds.as_numpy(ds))
         if not rows:
             raise DataError(f"data set {self.name!r} split {split!r} is empty")
         return self._remember(key, MemoryRecords(_columns(rows), self._decode()))
