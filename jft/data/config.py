@@ -24,7 +24,8 @@ def default_config() -> ml_collections.ConfigDict:
       keep_classes: ``None`` or a sequence of labels to keep; they are relabelled
         ``0..len-1`` in the order given, e.g. ``(5, 6, 7, 8, 9)`` -> ``0..4``.
       preprocess: ops, e.g. ``"resize(32)|gray_to_rgb|normalize(0.5, 0.5)|flip_lr"``
-        (see `jft.data.preprocess`).
+        (see `jft.data.preprocess`); a plain mapping may also give a sequence of op
+        strings, a ConfigDict takes the ``|``-joined string.
       download: only when ``True`` may tfds download and prepare a catalog data set.
       num_workers: threads that prepare batches ahead (0: in the calling thread).
       prefetch: how many batches each worker thread keeps ready.

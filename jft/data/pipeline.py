@@ -62,8 +62,8 @@ def _process(process_index: int | None, process_count: int | None) -> tuple[int,
 class _Split:
     """One split after ``keep_classes``: example indices and a label map."""
 
-    def __init__(self, cfg: dict[str, Any], split: str):
-        self.dataset = sources.open_dataset(cfg)
+    def __init__(self, cfg: dict[str, Any], split: str, dataset: sources.Dataset | None = None):
+        self.dataset = dataset or sources.open_dataset(cfg)
         self.records = self.dataset.records(split, cfg["cache"], cfg["cache_max_mb"])
         keep = cfg["keep_classes"]
         self.label_map = None
@@ -288,7 +288,7 @@ def info(cfg: Any) -> DataInfo:
     num_examples = {}
     for s in splits:
         try:
-            num_examples[s] = len(_Split(cfg, s).indices)
+            num_examples[s] = len(_Split(cfg, s, dataset).indices)
         except DataError:
             if s in (cfg["train_split"], cfg["eval_split"]):
                 raise

@@ -248,10 +248,20 @@ class Dataset:
         return labels
 
 
-def _prepare_local(builder, name: str) -> None:
-    """Prepares a jft builder (digits, image_folder): nothing is downloaded."""
-    if not builder.is_prepared():
+def _prepare_local(builder) -> None:
+    """Prepares a jft builder (digits, image_folder): nothing is downloaded.
+
+    Several processes may prepare the same data dir at once (one host, many
+    processes): tfds writes into a temporary folder and renames it, so a process
+    that loses the race finds the data prepared by another and carries on.
+    """
+    if builder.is_prepared():
+        return
+    try:
         builder.download_and_prepare(file_format="array_record")
+    except Exception:
+        if not builder.is_prepared():
+            raise
 
 
 def _catalog(cfg: dict[str, Any], ddir: str | None):
@@ -285,10 +295,10 @@ def open_dataset(cfg: dict[str, Any]) -> Dataset:
     ddir = data_dir(cfg)
     if name == "digits":
         builder = digits_lib.Digits(data_dir=ddir, file_format="array_record")
-        _prepare_local(builder, name)
+        _prepare_local(builder)
         return Dataset(name, builder, pixel_max=digits_lib.PIXEL_MAX)
     if name == "image_folder":
         builder = image_folder_lib.builder(cfg.get("path"), ddir)
-        _prepare_local(builder, name)
+        _prepare_local(builder)
         return Dataset(name, builder, encoded_images=True)
     return Dataset(name, _catalog(cfg, ddir))
