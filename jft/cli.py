@@ -132,41 +132,58 @@ def _inspect(args: argparse.Namespace) -> int:
     if not os.path.exists(path):
         raise UserError(f"no such file or folder: {path}")
     if checkpoint.is_checkpoint_dir(path):
-        entries = checkpoint.read_metadata(path)  # path -> (shape, dtype)
+        meta = checkpoint.read_metadata(path)
+        entries = meta.arrays
+        if meta.step is not None:
+            print(f"{meta.directory}: step {meta.step} (saved steps: {list(meta.steps)})")
     else:
         entries = {k: (tuple(v.shape), str(v.dtype)) for k, v in weights.read(path).items()}
-    status = {}
+    frozen = None
     if args.config:
-        from jft import partition
         from jft.train import config as config_lib
 
         config, _ = _load_config(args.config, args.overrides)
-        config = config_lib.resolve(config)
-        frozen = [re.compile(r) for r in config.frozen]
-        for k in entries:
-            bare = k.removeprefix("params/").removeprefix("state/params/")
-            if not k.startswith(("params/", "state/trainable/", "state/frozen/")) and "/" in k:
-                if k.startswith(("batch_stats/", "opt_state/", "state/")):
-                    continue
-            status[k] = "frozen" if any(p.fullmatch(bare) for p in frozen) else "trainable"
-        del partition
-    rows, total = [], 0
-    for k, (shape, dtype) in entries.items():
+        frozen = [re.compile(r) for r in config_lib.resolve(config).frozen]
+
+    def status(name: str) -> str:
+        for prefix in ("params/", "trainable/", "frozen/"):
+            if name.startswith(prefix):
+                bare = name.removeprefix(prefix)
+                return "frozen" if any(p.fullmatch(bare) for p in frozen) else "trainable"
+        return "-"
+
+    rows, total, counts = [], 0, {"frozen": 0, "trainable": 0, "-": 0}
+    for name, (shape, dtype) in entries.items():
         size = 1
         for d in shape:
             size *= int(d)
         total += size
-        row = [k, "x".join(map(str, shape)) or "scalar", dtype]
-        if args.config:
-            row.append(status.get(k, "-"))
+        row = [name, "x".join(map(str, shape)) or "scalar", dtype]
+        if frozen is not None:
+            row.append(status(name))
+            counts[row[-1]] += size
         rows.append(row)
-    header = ["path", "shape", "dtype"] + (["status"] if args.config else [])
+    header = ["path", "shape", "dtype"] + (["status"] if frozen is not None else [])
     print(format_table(rows, header))
     print(f"{len(rows)} arrays, {total:,} values")
-    if args.config:
-        n_frozen = sum(1 for s in status.values() if s == "frozen")
-        print(f"{n_frozen} frozen, {len(status) - n_frozen} trainable")
+    if frozen is not None:
+        print(f"parameters: {counts['trainable']:,} trainable, {counts['frozen']:,} frozen")
     return 0
+
+
+def _quiet() -> None:
+    # Library chatter (tfds' "OpenCV is not installed", orbax's notices, TF's C++ logs)
+    # buries the lines a user needs: keep errors only.
+    import logging
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    logging.getLogger("absl").setLevel(logging.ERROR)
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(absl_logging.ERROR)
+    import tensorflow_datasets as tfds
+
+    tfds.disable_progress_bar()  # preparing the digits takes a second: no bars for that
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -206,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     args.overrides = rest
     if rest and args.command not in ("train", "inspect"):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    _quiet()
     commands = {"train": _train, "eval": _eval, "convert": _convert, "inspect": _inspect}
     try:
         errors = _user_errors()

@@ -179,8 +179,13 @@ def build_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransfor
     kwargs = dict(config.optimizer)
     name = kwargs.pop("name")
     factory = getattr(optim, name, None)
-    if name not in optim.__all__ or not callable(factory) or name.startswith("scale_by"):
-        known = [n for n in optim.__all__ if n[0].islower() and not n.startswith("scale_by")]
+    standalone = [
+        n
+        for n in optim.__all__
+        if n[0].islower() and not n.startswith("scale_by") and n != "reduce_on_plateau"
+    ]
+    if name not in standalone or not callable(factory):
+        known = standalone
         raise ConfigError(f"unknown optimizer '{name}' (optimizer.name); known: {', '.join(known)}")
     params = inspect.signature(factory).parameters
     lr_name = next(iter(params))
@@ -191,7 +196,7 @@ def build_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransfor
             raise ConfigError(
                 f"unknown config key 'optimizer.{key}' for {name}; it takes {', '.join(params)}"
             )
-    if lr_name in kwargs and name != "reduce_on_plateau":
+    if lr_name in kwargs:
         kwargs[lr_name] = _schedule(config, float(kwargs[lr_name]))
     tx = factory(**kwargs)
     if config.clip_grad_norm:

@@ -1,0 +1,227 @@
+"""Exact resume: SIGKILL a real ``jft train`` process anywhere, run it again, lose nothing.
+
+Each run is the real command (``python -m jft.cli train``) in a subprocess on the
+offline digits data, with asynchronous orbax checkpoints every 4 steps. The
+killed-and-resumed run must end with parameters bitwise equal to an uninterrupted
+run, and a ``metrics.jsonl`` with every step once and the same losses bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from jft.train import checkpoint as ckpt_lib
+
+STEPS = 48
+RECIPE = """
+import ml_collections
+from jft.train import default_config
+
+def get_config(arg=None):
+    c = default_config()
+    c.data.name = "digits"
+    c.data.keep_classes = (0, 1, 2, 3, 4)
+    c.data.batch_size = 32
+    c.model = ml_collections.ConfigDict({"name": "cnn", "widths": WIDTHS, "num_classes": 5})
+    c.optimizer = ml_collections.ConfigDict({"name": "adam", "lr": 3e-3})
+    c.schedule.name = "cosine"
+    c.num_steps = STEPS
+    c.log_every = 1
+    c.eval_every = 16
+    c.parallel = "none"
+    c.progress = False
+    c.checkpoint.every = 4
+    c.checkpoint.keep = 2
+    return c
+"""
+
+
+def _env(data_dir):
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)  # one CPU device per run
+    env.update(JFT_DATA_DIR=str(data_dir), JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
+    return env
+
+
+@pytest.fixture(scope="module")
+def recipe(tmp_path_factory):
+    path = tmp_path_factory.mktemp("recipes") / "tiny.py"
+    path.write_text(RECIPE.replace("WIDTHS", "(8, 16)").replace("STEPS", str(STEPS)))
+    return path
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("tfds")
+
+
+def _cmd(recipe, workdir, *extra):
+    return [
+        sys.executable,
+        "-m",
+        "jft.cli",
+        "train",
+        f"--config={recipe}",
+        f"--workdir={workdir}",
+        *extra,
+    ]
+
+
+def _run(recipe, workdir, data_dir, *extra, timeout=300):
+    out = subprocess.run(
+        _cmd(recipe, workdir, *extra),
+        env=_env(data_dir),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+def _steps(workdir):
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    out = []
+    with open(path) as f:
+        for line in f:
+            try:
+                out.append(json.loads(line)["step"])
+            except (json.JSONDecodeError, KeyError):
+                pass
+    return out
+
+
+def _records(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def reference(recipe, data_dir, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("ref") / "run"
+    _run(recipe, workdir, data_dir)
+    return workdir
+
+
+def _final_params(workdir):
+    return ckpt_lib.read_params(workdir)
+
+
+def _assert_same_run(workdir, reference):
+    got, want = _final_params(workdir), _final_params(reference)
+    assert sorted(got) == sorted(want)
+    for k in want:
+        assert got[k].dtype == want[k].dtype
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)  # bitwise
+    steps = _steps(workdir)
+    assert steps == list(range(1, STEPS + 1)), f"steps missing or repeated: {steps}"
+    for a, b in zip(_records(workdir), _records(reference), strict=True):
+        assert a == b, (a, b)
+
+
+def _wait_until(pred, proc, timeout=240):
+    t0 = time.time()
+    while not pred():
+        if proc.poll() is not None:
+            return False
+        if time.time() - t0 > timeout:
+            raise TimeoutError("the training process made no progress")
+        time.sleep(0.01)
+    return True
+
+
+def test_sigkill_at_random_moments_resumes_bitwise(recipe, data_dir, reference, tmp_path):
+    rng = random.Random(0)
+    workdir = tmp_path / "killed"
+    ckdir = workdir / "checkpoints"
+    kills = []
+    for i in range(6):
+        proc = subprocess.Popen(
+            _cmd(recipe, workdir),
+            env=_env(data_dir),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        start = len(_steps(workdir))
+        if i % 2:
+            # During a save: as soon as orbax has a checkpoint in flight (a tmp folder).
+            def saving():
+                return ckdir.exists() and any("tmp" in p.name for p in ckdir.iterdir())
+
+            _wait_until(lambda s=start: len(_steps(workdir)) > s and saving(), proc)
+        else:
+            # Anywhere after training started: a random delay after the next logged step.
+            _wait_until(lambda s=start: len(_steps(workdir)) > s, proc)
+            time.sleep(rng.uniform(0.0, 1.5))
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            kills.append(max(_steps(workdir), default=0))
+        else:
+            assert proc.returncode == 0, proc.stderr.read()[-3000:]
+        if max(_steps(workdir), default=0) >= STEPS:
+            break
+    assert len(kills) >= 5, f"only {len(kills)} kills landed before the run ended: {kills}"
+    _run(recipe, workdir, data_dir)  # the same command again finishes the run
+    _assert_same_run(workdir, reference)
+
+
+def test_sigterm_saves_and_exits_cleanly(recipe, data_dir, reference, tmp_path):
+    workdir = tmp_path / "term"
+    proc = subprocess.Popen(
+        _cmd(recipe, workdir),
+        env=_env(data_dir),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    _wait_until(lambda: len(_steps(workdir)) >= 10, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    assert "Traceback" not in err
+    stopped = max(_steps(workdir))
+    assert stopped < STEPS
+    assert "SIGTERM" in out
+    ck = ckpt_lib.Checkpointer(str(workdir / "checkpoints"), every=0)
+    assert ck.latest_step() == stopped  # saved at the step it stopped, not only at the last every=4
+    ck.close()
+    _run(recipe, workdir, data_dir)
+    _assert_same_run(workdir, reference)
+
+
+def test_mismatched_workdir_is_a_clear_error_and_nothing_changes(recipe, data_dir, tmp_path):
+    workdir = tmp_path / "mismatch"
+    _run(recipe, workdir, data_dir, "--config.num_steps=4")
+    other = tmp_path / "wide.py"
+    other.write_text(RECIPE.replace("WIDTHS", "(8, 32)").replace("STEPS", str(STEPS)))
+
+    def listing():
+        return sorted(
+            (str(p.relative_to(workdir)), p.stat().st_mtime_ns, p.stat().st_size)
+            for p in workdir.rglob("*")
+        )
+
+    before = listing()
+    out = subprocess.run(
+        _cmd(other, workdir), env=_env(data_dir), capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 2
+    assert "Traceback" not in out.stderr
+    lines = [ln for ln in out.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, out.stderr
+    assert "backbone/conv2/kernel" in lines[0]
+    assert "16" in lines[0] and "32" in lines[0]
+    assert listing() == before
