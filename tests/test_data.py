@@ -81,7 +81,7 @@ def test_digits_builder_and_values(data_dir):
     assert info.num_examples == {"train": len(split["train"]), "test": len(split["test"])}
     assert len(split["train"]) + len(split["test"]) == 1797
     assert info.features == {"image": ((8, 8, 1), np.float32), "label": ((), np.int32)}
-    assert os.path.isdir(os.path.join(data_dir, "digits", "1.0.0"))
+    assert os.path.isdir(os.path.join(data_dir, "digits", str(jft.data.Digits.VERSION)))
     # One eval pass gives exactly the test images of scikit-learn, scaled by 1/16.
     d = load_digits()
     want = sorted(
