@@ -167,7 +167,10 @@ def _schedule(config: ml_collections.ConfigDict, lr: float) -> optax.ScalarOrSch
             ],
             [s.warmup_steps],
         )
-    return optax.warmup_cosine_decay_schedule(0.0, lr, s.warmup_steps, max(n, 1), end)
+    # cosine (no warmup) and warmup_cosine; a run shorter than its warmup just warms up.
+    return optax.warmup_cosine_decay_schedule(
+        0.0, lr, s.warmup_steps, max(n, s.warmup_steps + 1), end
+    )
 
 
 def build_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
