@@ -5,7 +5,7 @@ Two workloads, each measured both ways in one run:
 * ``digits``: `jft.data.get` on the offline digits (8x8x1, batch 64, shuffled,
   ``keep_classes=(5..9)``, from the tfds array_record files through grain; the split
   is small, so it is held in memory: ``cache="auto"``; a second row reads every record
-  from array_record and decodes its PNG, ``cache=False``), against the default
+  from array_record and decodes it, ``cache=False``), against the default
   recipe's train step: ``jft.models.get("cnn", num_classes=5)``, Adam, batch 64.
 * ``jpeg 224``: `jft.data.get` on an ``image_folder`` of synthetic 256x256 JPEGs
   (written with PIL into a temporary dir) with ``resize(224)|normalize(...)|flip_lr``
@@ -129,7 +129,7 @@ def main() -> None:
         uncached = loader_rate({**digits, "cache": False}, 10 if q else 100, repeats)
         step = step_rate("cnn", (64, 8, 8, 1), 5, 10 if q else 200, repeats)
         rows.append(("digits 8x8x1, batch 64", "cnn (5 classes)", load, step))
-        rows.append(("  same, cache=False (PNG decode)", "cnn (5 classes)", uncached, step))
+        rows.append(("  same, cache=False (reads)", "cnn (5 classes)", uncached, step))
 
         folder = os.path.join(tmp, "jpegs")
         write_jpegs(folder, 64 if q else 512)
