@@ -360,6 +360,10 @@ def test_export_round_trip(tmp_path, suffix):
     else:
         flat = ckpt_lib.read_params(dst)  # an orbax folder of variables
         assert ckpt_lib.is_checkpoint_dir(dst)
+        meta = jft.train.read_metadata(dst)
+        assert meta.step is None
+        assert meta.arrays["params/backbone/conv1/kernel"] == ((3, 3, 1, 8), "float32")
+        assert jft.weights.load_checkpoint(dst)["params"]["head"]["kernel"].shape == (16, 10)
     want = _bump(state, 1)
     assert set(flat) == {f"params/{k}" for k in _paths(want.params)} | {
         f"batch_stats/{k}" for k in _paths(want.batch_stats)

@@ -69,7 +69,7 @@ class CheckpointMetadata:
 
     Attributes:
       directory: the checkpoint directory (the parent of the step folders).
-      step: the step described.
+      step: the step described (None for an exported folder of variables).
       steps: every finished step in the directory, in increasing order.
       arrays: ``path -> (shape, dtype name)`` of every array of the saved state,
         e.g. ``"trainable/backbone/conv1/kernel" -> ((3, 3, 1, 8), "float32")``.
@@ -79,7 +79,7 @@ class CheckpointMetadata:
     """
 
     directory: str
-    step: int
+    step: int | None
     steps: tuple[int, ...]
     arrays: dict[str, tuple[tuple[int, ...], str]]
     config: dict[str, Any]
@@ -374,7 +374,7 @@ class Checkpointer:
         # count among the kept ones: move it out of the way (never delete it).
         for step in sorted(self._corrupt):
             src = os.path.join(self.directory, str(step))
-            if not os.path.isdir(src):
+            if jax.process_index() != 0 or not os.path.isdir(src):
                 continue
             dst = os.path.join(self.directory, f"{_CORRUPT_PREFIX}{step}")
             if os.path.exists(dst):
@@ -608,8 +608,10 @@ def _resolve_step(directory: str, step: int | None) -> int:
 def read_metadata(path: str | os.PathLike, *, step: int | None = None) -> CheckpointMetadata:
     """Describes a step of a checkpoint directory (a workdir too) without restoring arrays.
 
-    For ``jft inspect``: the paths, shapes and dtypes of the saved state, the
-    config, the data state and the metrics. ``step`` defaults to the latest.
+    For ``jft inspect``: the paths, shapes and dtypes of the saved state
+    (``.arrays``), the config, the data state and the metrics. ``step`` defaults
+    to the latest. An orbax folder written by :func:`jft.train.export` gives its
+    arrays (``params/...``, ``batch_stats/...``) and nothing else.
 
     Raises:
       CheckpointError: no finished step, or its metadata cannot be read.
@@ -617,6 +619,14 @@ def read_metadata(path: str | os.PathLike, *, step: int | None = None) -> Checkp
     import orbax.checkpoint as ocp
 
     directory = checkpoint_dir(path)
+    if not _step_dirs(directory) and _is_orbax_tree(directory):
+        # An exported folder of variables: arrays only.
+        try:
+            with ocp.StandardCheckpointer() as ckptr:
+                arrays = _arrays_of(ckptr.metadata(directory).item_metadata)
+        except Exception as e:
+            raise CheckpointError(f"{directory}: unreadable orbax folder ({_reason(e)})") from None
+        return CheckpointMetadata(directory, None, (), arrays, {}, {}, None)
     s = _resolve_step(directory, step)
     step_dir = os.path.join(directory, str(s))
     try:
