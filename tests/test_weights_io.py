@@ -236,3 +236,14 @@ def test_peak_memory_at_most_twice_the_weights(tmp_path, fmt):
     assert delta <= 2 * size + 16 * 2**20, (
         f"peak {delta / 2**20:.0f} MiB > 2 x {size / 2**20:.0f} MiB"
     )
+
+
+def test_read_takes_an_orbax_folder_of_variables(tmp_path):
+    variables = {
+        "params": {"head": {"kernel": np.arange(6, dtype=np.float32).reshape(2, 3)}},
+        "batch_stats": {"backbone": {"bn1": {"mean": np.ones(3, np.float32)}}},
+    }
+    jft.weights.save_checkpoint(tmp_path / "v", variables)
+    flat = jft.weights.read(tmp_path / "v")
+    assert sorted(flat) == ["batch_stats/backbone/bn1/mean", "params/head/kernel"]
+    np.testing.assert_array_equal(flat["params/head/kernel"], variables["params"]["head"]["kernel"])

@@ -72,12 +72,24 @@ def _fail(path: str | os.PathLike, problem: str) -> WeightsError:
     return WeightsError(f"{os.fspath(path)}: {problem}")
 
 
+def _read_orbax_variables(path: str) -> dict[str, np.ndarray]:
+    from flax import traverse_util
+
+    from jft.weights.convert import load_checkpoint
+
+    variables = load_checkpoint(path)
+    flat = traverse_util.flatten_dict(variables, sep="/")
+    return {k: np.asarray(v) for k, v in flat.items()}
+
+
 def read(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Returns the arrays of the weights file or model folder at ``path``, by name.
 
     Args:
       path: a ``.safetensors``, ``.pt``/``.pth``/``.bin``/``.ckpt``, ``.npz``, Keras
-        ``.h5``/``.weights.h5``/``.keras`` file, or a Hugging Face model folder.
+        ``.h5``/``.weights.h5``/``.keras`` file, a Hugging Face model folder, or an
+        orbax folder of variables (:func:`jft.train.export`,
+        :func:`jft.weights.convert`), whose names are jft paths (``params/...``).
 
     Returns:
       A dict from the names in the file (``layer1.0.conv1.weight``,
@@ -95,6 +107,8 @@ def read(path: str | os.PathLike) -> dict[str, np.ndarray]:
     {'fc.weight': (2, 3)}
     """
     path = os.fspath(path)
+    if os.path.isdir(path) and os.path.exists(os.path.join(path, "_CHECKPOINT_METADATA")):
+        return _read_orbax_variables(path)
     if os.path.isdir(path):
         return _read_hf_folder(path)
     if not os.path.exists(path):
