@@ -9,13 +9,16 @@ Four stages, each a full run in ``workdir/<stage>``:
 4. ``scratch``: the baseline, the same CNN trained on 5-9 from scratch with the
    steps of stages 2 and 3 together.
 
-Run (about a minute on 2 CPU cores; the digits are prepared offline on first use):
+Run (under 2 minutes on 2 CPU cores; the digits are prepared offline on first use):
 
     jft train                                   # = --config configs/digits_transfer.py
     jft train --config configs/digits_transfer.py --workdir runs/dt --config.finetune.num_steps=300
 
-Result (2 CPU cores, seed 0; see README.md): 5-9 test accuracy, fine-tuned
-frozen trunk ~0.93, unfrozen ~0.98, from scratch with the same budget ~0.96.
+Result (seed 0, 2 CPU cores, 77-92 s in all): test accuracy on digits 5-9
+(179 images): frozen trunk 0.899, unfrozen 0.989, from scratch 0.989 (and 0.994
+on 0-4 after pretraining). On data this small and easy the baseline matches the
+transfer once the trunk is unfrozen; the frozen-trunk stage shows what the 0-4
+features alone are worth.
 """
 
 import ml_collections
