@@ -125,11 +125,20 @@ def _series(records: Sequence[Mapping[str, Any]], key: str) -> tuple[np.ndarray,
     return np.asarray(steps), np.asarray(values, dtype=float)
 
 
-def _smooth(values: np.ndarray, weight: float = 0.8) -> np.ndarray:
-    out, last = np.empty_like(values), values[0] if len(values) else 0.0
+def _smoothing(n: int) -> float:
+    # Fewer logged points need less smoothing, or the curve lags the data.
+    return 0.5 if n <= 30 else 0.8 if n <= 300 else 0.9
+
+
+def _smooth(values: np.ndarray, weight: float | None = None) -> np.ndarray:
+    """A debiased exponential moving average (TensorBoard's smoothing); NaN/Inf are skipped."""
+    weight = _smoothing(len(values)) if weight is None else weight
+    out, last, norm = np.empty_like(values), 0.0, 0.0
     for i, v in enumerate(values):
-        last = weight * last + (1 - weight) * v if np.isfinite(v) else last
-        out[i] = last
+        if np.isfinite(v):
+            last = weight * last + (1 - weight) * v
+            norm = weight * norm + (1 - weight)
+        out[i] = last / norm if norm else np.nan
     return out
 
 
@@ -165,7 +174,9 @@ def write_plots(
     if len(s):
         fig, ax = plt.subplots(figsize=(7, 4))
         ax.plot(s, v, color="tab:blue", alpha=0.3, lw=1, label="train loss")
-        ax.plot(s, _smooth(v), color="tab:blue", lw=2, label="train loss (EMA 0.8)")
+        ax.plot(
+            s, _smooth(v), color="tab:blue", lw=2, label=f"train loss (EMA {_smoothing(len(v))})"
+        )
         es, ev = _series(records, "eval/loss")
         if len(es):
             ax.plot(es, ev, "o-", color="tab:orange", lw=2, label="eval loss")
@@ -239,7 +250,7 @@ def write_stage_plots(workdir: str | os.PathLike, stages: Sequence[str]) -> str:
                     fontsize=8,
                     color=line.get_color(),
                 )
-    ax_loss.set(xlabel="step", ylabel="train loss (EMA 0.8)", title="Train loss by stage")
+    ax_loss.set(xlabel="step", ylabel="train loss (smoothed)", title="Train loss by stage")
     ax_loss.set_yscale("log")
     ax_acc.set(xlabel="step", ylabel="eval accuracy", title="Eval accuracy by stage")
     for ax in (ax_loss, ax_acc):
