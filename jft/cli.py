@@ -100,9 +100,24 @@ def _eval(args: argparse.Namespace) -> int:
     import numpy as np
 
     from jft import train
+    from jft.train import checkpoint
     from jft.train.logging import format_table
 
-    out = train.evaluate(args.workdir, step=args.step)
+    workdir = args.workdir
+    stages = []
+    if os.path.isdir(workdir) and not checkpoint.is_checkpoint_dir(workdir):
+        # A staged run (digits_transfer): evaluate each stage's latest checkpoint.
+        stages = sorted(
+            d for d in os.listdir(workdir) if checkpoint.is_checkpoint_dir(os.path.join(workdir, d))
+        )
+    if stages:
+        rows = []
+        for stage in stages:
+            out = train.evaluate(os.path.join(workdir, stage), step=args.step)
+            rows.append([stage, out["step"], out.get("accuracy", float("nan")), out["loss"]])
+        print(format_table(rows, ["stage", "step", "accuracy", "loss"]))
+        return 0
+    out = train.evaluate(workdir, step=args.step)
     rows = [[k, v] for k, v in out.items() if np.ndim(v) == 0]
     print(format_table(rows, ["metric", "value"]))
     if "confusion_matrix" in out:
