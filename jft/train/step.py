@@ -228,8 +228,10 @@ def make_train_step(
     - ``"pmap"``: ``jax.pmap`` over the local devices, the state replicated with
       a leading device axis; gradients, metrics and BatchNorm statistics are
       averaged over the ``"data"`` axis (``nn.BatchNorm.axis_name``), so the
-      step equals the one-device step on the global batch. Dropout masks are
-      drawn per device from the same key, so they differ from one device's.
+      step equals the one-device step on the global batch. Each device draws
+      its dropout masks from the step's key folded with its index, so they
+      are independent but differ from one device's (``"jit"`` draws the
+      one-device masks).
 
     A step whose gradients (or loss) are not finite is skipped: the trainable
     parameters, optimizer state and BatchNorm statistics keep their values,
@@ -304,6 +306,8 @@ def make_train_step(
         if parallel == "jit":
             batch = parallel_lib.constrain_batch(batch, mesh)
         rng = jax.random.fold_in(state.rng, state.step)
+        if axis_name is not None:  # independent dropout masks on each device's rows
+            rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
         has_bn = bool(state.batch_stats)
         # Only the paths matter here, so this runs once, at trace time.
         model_ = _with_frozen_bn(model, state, rules) if freeze_bn and has_bn else model
