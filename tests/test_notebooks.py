@@ -90,5 +90,6 @@ def test_notebook_runs(path, tmp_path, kernel_env):
     if path.stem == "tpu":
         assert f"resumed at {NUM_STEPS}, now at {2 * NUM_STEPS}" in text
         assert (workdir / "pmap" / "checkpoints").exists()
+        assert "|accuracy jit - pmap| = 0.0000" in text  # the same steps on CPU
     if path.stem == "finetune_frozen":
         assert "trunk unchanged, bit for bit: True" in text
