@@ -170,3 +170,31 @@ def test_frozen_bn_uses_and_keeps_running_statistics():
     frozen = jft.models.get("resnet18", num_classes=2, frozen_bn=(".*",))
     out, _ = frozen.apply(variables, x, train=True, mutable=["batch_stats"])
     np.testing.assert_allclose(out, frozen.apply(variables, x), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "size, channels, stride", [(2, 512, 1), (2, 128, 2), (1, 256, 1), (4, 256, 1)]
+)
+def test_conv_fast_path_equals_lax_conv(size, channels, stride):
+    # jft.models.layers.conv_general_dilated computes tiny-map convs as patches @ kernel on CPU.
+    import flax.linen as nn
+
+    from jft.models.layers import conv_general_dilated
+
+    x = jax.random.normal(jax.random.key(0), (4, size, size, channels))
+    kw = dict(
+        features=channels,
+        kernel_size=(3, 3),
+        strides=(stride, stride),
+        padding=((1, 1), (1, 1)),
+        use_bias=False,
+    )
+    plain, fast = nn.Conv(**kw), nn.Conv(**kw, conv_general_dilated=conv_general_dilated)
+    variables = plain.init(jax.random.key(1), x)
+    fast_path = "dot_general" in str(jax.make_jaxpr(fast.apply)(variables, x))
+    assert fast_path == (size <= 2 and channels >= 128)
+    np.testing.assert_allclose(fast.apply(variables, x), plain.apply(variables, x), atol=2e-5)
+    g_plain = jax.grad(lambda v, x: plain.apply(v, x).sum(), argnums=(0, 1))(variables, x)
+    g_fast = jax.grad(lambda v, x: fast.apply(v, x).sum(), argnums=(0, 1))(variables, x)
+    for a, b in zip(jax.tree.leaves(g_fast), jax.tree.leaves(g_plain), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-4)

@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jft.models.layers import BatchNorm, torch_padding
+from jft.models.layers import BatchNorm, conv_general_dilated, torch_padding
 from jft.models.registry import register
 
 Dtype = Any
@@ -53,6 +53,7 @@ class ResNetBlock(nn.Module):
                 padding=torch_padding(k),
                 use_bias=False,
                 dtype=self.dtype,
+                conv_general_dilated=conv_general_dilated,
                 name=name,
             )(y)
 

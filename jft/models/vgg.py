@@ -23,7 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jft.models.layers import adaptive_avg_pool
+from jft.models.layers import adaptive_avg_pool, conv_general_dilated
 from jft.models.registry import register
 
 Dtype = Any
@@ -60,6 +60,7 @@ class VGGBackbone(nn.Module):
                     (3, 3),
                     padding=((1, 1), (1, 1)),
                     dtype=self.dtype,
+                    conv_general_dilated=conv_general_dilated,
                     name=f"conv{b + 1}_{i + 1}",
                 )(x)
                 x = nn.relu(x)
