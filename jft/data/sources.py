@@ -8,6 +8,7 @@ access to decoded records, in memory for small splits. Nothing is downloaded unl
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import importlib.util
 import io
@@ -257,11 +258,20 @@ def _prepare_local(builder) -> None:
     """
     if builder.is_prepared():
         return
+    # A second of work: no tfds banner or progress bars, one line of ours instead.
+    print(f"jft: preparing {builder.name} in {builder.data_dir_root} (once)", flush=True)
+    from tensorflow_datasets.core.utils import tqdm_utils
+
+    was_active = tqdm_utils._active
+    tfds.display_progress_bar(False)
     try:
-        builder.download_and_prepare(file_format="array_record")
+        with contextlib.redirect_stdout(io.StringIO()):
+            builder.download_and_prepare(file_format="array_record")
     except Exception:
         if not builder.is_prepared():
             raise
+    finally:
+        tfds.display_progress_bar(was_active)
 
 
 def _catalog(cfg: dict[str, Any], ddir: str | None):

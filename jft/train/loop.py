@@ -15,6 +15,7 @@ pretrain, fine-tune a frozen trunk, unfreeze, and a from-scratch baseline).
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import dataclasses
 import json
 import os
@@ -231,6 +232,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     bar = None
     if is_main and config.progress and start < n:
         from tqdm.auto import tqdm
+
+        if importlib.util.find_spec("ipywidgets") is None:  # Jupyter without widgets: text bar
+            from tqdm.std import tqdm
 
         bar = tqdm(total=n, initial=start, unit="step", dynamic_ncols=True, mininterval=0.5)
     preempted = False
