@@ -15,8 +15,8 @@ pretrain, fine-tune a frozen trunk, unfreeze, and a from-scratch baseline).
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import dataclasses
+import importlib.util
 import json
 import os
 import signal
