@@ -21,7 +21,7 @@ import pytest
 
 from jft.train import checkpoint as ckpt_lib
 
-STEPS = 48
+STEPS = 64
 RECIPE = """
 import ml_collections
 from jft.train import default_config
@@ -144,9 +144,13 @@ def _wait_until(pred, proc, timeout=240):
 def test_sigkill_at_random_moments_resumes_bitwise(recipe, data_dir, reference, tmp_path):
     rng = random.Random(0)
     workdir = tmp_path / "killed"
+    metrics = workdir / "metrics.jsonl"
     ckdir = workdir / "checkpoints"
+    # Kill points by step, so they spread over the run however fast the machine is.
+    targets = sorted(rng.sample(range(3, STEPS - 4), 6))
     kills = []
-    for i in range(6):
+    for i, target in enumerate(targets):
+        inode = metrics.stat().st_ino if metrics.exists() else None
         proc = subprocess.Popen(
             _cmd(recipe, workdir),
             env=_env(data_dir),
@@ -154,25 +158,31 @@ def test_sigkill_at_random_moments_resumes_bitwise(recipe, data_dir, reference, 
             stderr=subprocess.PIPE,
             text=True,
         )
-        start = len(_steps(workdir))
-        if i % 2:
-            # During a save: as soon as orbax has a checkpoint in flight (a tmp folder).
-            def saving():
-                return ckdir.exists() and any("tmp" in p.name for p in ckdir.iterdir())
 
-            _wait_until(lambda s=start: len(_steps(workdir)) > s and saving(), proc)
+        def reached(target=target, inode=inode):
+            # This process has rewritten metrics.jsonl (its resume point) and logged past target.
+            return (
+                metrics.exists()
+                and metrics.stat().st_ino != inode
+                and max(_steps(workdir), default=0) >= target
+            )
+
+        def saving():
+            return ckdir.exists() and any("tmp" in p.name for p in ckdir.iterdir())
+
+        _wait_until(reached, proc)
+        if i % 2:
+            _wait_until(saving, proc)  # during an asynchronous save
         else:
-            # Anywhere after training started: a random delay after the next logged step.
-            _wait_until(lambda s=start: len(_steps(workdir)) > s, proc)
-            time.sleep(rng.uniform(0.0, 1.5))
+            time.sleep(rng.uniform(0.0, 0.05))  # anywhere in a step
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             proc.wait()
             kills.append(max(_steps(workdir), default=0))
         else:
             assert proc.returncode == 0, proc.stderr.read()[-3000:]
-        if max(_steps(workdir), default=0) >= STEPS:
             break
+    print(f"SIGKILL at steps {kills} (targets {targets})")
     assert len(kills) >= 5, f"only {len(kills)} kills landed before the run ended: {kills}"
     _run(recipe, workdir, data_dir)  # the same command again finishes the run
     _assert_same_run(workdir, reference)
