@@ -4,6 +4,7 @@ from jft.train import checkpoint, distributed, losses, metrics, parallel
 from jft.train.checkpoint import Checkpointer, CheckpointError, Restored, read_metadata
 from jft.train.config import ConfigError, default_config
 from jft.train.export import export
+from jft.train.inputs import inputs_for, model_args
 from jft.train.loop import NonFiniteError, evaluate, train_and_evaluate
 from jft.train.parallel import host_state, make_mesh, place_state, shard_batch
 from jft.train.step import (
@@ -30,11 +31,13 @@ __all__ = [
     "evaluate",
     "export",
     "host_state",
+    "inputs_for",
     "losses",
     "make_staged_train_step",
     "make_mesh",
     "make_train_step",
     "metrics",
+    "model_args",
     "parallel",
     "place_state",
     "read_metadata",

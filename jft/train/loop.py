@@ -21,7 +21,7 @@ import json
 import os
 import signal
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -33,12 +33,11 @@ from jft import data, weights
 from jft.train import checkpoint as ckpt_lib
 from jft.train import config as config_lib
 from jft.train import distributed, losses, metrics, parallel
+from jft.train.inputs import TEXT_KEYS, inputs_for
 from jft.train.logging import MetricWriter, format_table, write_plots, write_stage_plots
 from jft.train.step import TrainState, create_train_state, make_train_step
 
 __all__ = ["NonFiniteError", "Preempted", "evaluate", "train_and_evaluate"]
-
-_TEXT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
 
 
 class NonFiniteError(RuntimeError):
@@ -57,13 +56,6 @@ def _log(msg: str) -> None:
         print(msg, flush=True)
 
 
-def _model_inputs(features: Mapping[str, Any]) -> str | Callable[[Mapping[str, Any]], Any]:
-    if "input_ids" in features:
-        keys = [k for k in _TEXT_KEYS if k in features]
-        return lambda batch: {k: batch[k] for k in keys}
-    return "image"
-
-
 def _example(features: Mapping[str, Any], keys: list[str]) -> dict[str, np.ndarray]:
     out = {}
     for k in keys:
@@ -77,7 +69,7 @@ def _init_variables(model, features, inputs, seed: int) -> dict[str, Any]:
         example = _example(features, [inputs])
         args, kwargs = (example[inputs],), {}
     else:
-        example = _example(features, [k for k in _TEXT_KEYS if k in features])
+        example = _example(features, [k for k in TEXT_KEYS if k in features])
         args, kwargs = (), inputs(example)
     init = jax.jit(lambda rng: model.init(rng, *args, train=False, **kwargs))
     variables = init(jax.random.PRNGKey(seed))
@@ -150,7 +142,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     compute_dtype = jnp.bfloat16 if config.compute_dtype == "bfloat16" else None
     model = config_lib.build_model(config, info.num_classes, compute_dtype)
     rules = config_lib.build_rules(config)
-    inputs = _model_inputs(info.features)
+    inputs = inputs_for(info.features)
     loss_fn = losses.get(config.loss.name, **{k: v for k, v in config.loss.items() if k != "name"})
     variables = _init_variables(model, info.features, inputs, config.seed)
 
@@ -421,7 +413,7 @@ def evaluate(workdir: str | os.PathLike, *, step: int | None = None) -> dict[str
     info = data.info(config.data)
     model = config_lib.build_model(config, info.num_classes)
     rules = config_lib.build_rules(config)
-    inputs = _model_inputs(info.features)
+    inputs = inputs_for(info.features)
     variables = _init_variables(model, info.features, inputs, config.seed)
     template = create_train_state(variables, rules, rng=config.seed)
     ck = ckpt_lib.Checkpointer(directory, every=0)

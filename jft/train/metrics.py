@@ -26,25 +26,13 @@ from jax.sharding import Mesh
 
 from jft.train import losses as losses_lib
 from jft.train import parallel as parallel_lib
+from jft.train.inputs import model_args
 from jft.train.parallel import AXIS
 
 __all__ = ["accumulate", "finalize", "make_eval_step"]
 
 Batch = Mapping[str, Any]
 Sums = dict[str, jax.Array]
-
-
-def _model_inputs(
-    inputs: str | Callable[[Batch], Any], batch: Batch
-) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    if isinstance(inputs, str):
-        return (batch[inputs],), {}
-    args = inputs(batch)
-    if isinstance(args, Mapping):
-        return (), dict(args)
-    if isinstance(args, tuple):
-        return args, {}
-    return (args,), {}
 
 
 def _classes(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -109,7 +97,7 @@ def make_eval_step(
     def step(state: Any, batch: Batch) -> Sums:
         if parallel == "jit":
             batch = parallel_lib.constrain_batch(batch, mesh)
-        args, kwargs = _model_inputs(inputs, batch)
+        args, kwargs = model_args(inputs, batch)
         if compute_dtype is not None:
             args, kwargs = jax.tree.map(
                 lambda x: x.astype(compute_dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,

@@ -31,6 +31,7 @@ from jax.sharding import Mesh
 
 from jft import partition
 from jft.train import parallel as parallel_lib
+from jft.train.inputs import model_args
 from jft.train.parallel import AXIS
 
 Batch = Mapping[str, Any]
@@ -129,19 +130,6 @@ def _learning_rates(opt_state: Any) -> dict[str, jax.Array]:
     if len(found) == 1:
         return {"lr": next(iter(found.values()))}
     return {f"lr/{name}": lr for name, lr in found.items()}
-
-
-def _model_inputs(
-    inputs: str | Callable[[Batch], Any], batch: Batch
-) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    if isinstance(inputs, str):
-        return (batch[inputs],), {}
-    args = inputs(batch)
-    if isinstance(args, Mapping):
-        return (), dict(args)
-    if isinstance(args, tuple):
-        return args, {}
-    return (args,), {}
 
 
 def _cast_floats(tree: Any, dtype: Any) -> Any:
@@ -313,7 +301,7 @@ def make_train_step(
         model_ = _with_frozen_bn(model, state, rules) if freeze_bn and has_bn else model
 
         def grads_of(batch_stats, batch, rng):
-            args, kwargs = _model_inputs(inputs, batch)
+            args, kwargs = model_args(inputs, batch)
             if compute_dtype is not None:
                 args, kwargs = _cast_floats((args, kwargs), compute_dtype)
 
