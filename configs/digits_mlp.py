@@ -1,10 +1,10 @@
 r"""The 128→10 MLP with Adam on the 8×8 digits that scikit-learn ships (offline).
 
-Run (about 20 seconds on 2 CPU cores):
+Run (about 6 seconds on 2 CPU cores):
 
     jft train --config configs/digits_mlp.py --workdir runs/digits_mlp
 
-Result (seed 0): test accuracy ~0.97 after 600 steps.
+Result (seed 0): test accuracy 0.955 (F1 0.956) after 600 steps.
 """
 
 import ml_collections

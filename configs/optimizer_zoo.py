@@ -3,14 +3,16 @@ r"""The same MLP on the digits trained with every update rule, compared in one p
 One stage per rule, each a full run in ``workdir/<rule>`` with the same data,
 model, seed and step budget; each rule has a learning rate suited to it.
 
-Run (about 2 minutes on 2 CPU cores):
+Run (about 25 seconds on 2 CPU cores):
 
     jft train --config configs/optimizer_zoo.py --workdir runs/zoo
 
 It prints each rule's test accuracy and loss and writes
 ``runs/zoo/plots/stages.png`` (train loss and eval accuracy of every rule).
-Result (seed 0): adaptive rules (Adam, AdamW, RMSProp, AdaGrad) reach ~0.96-0.97
-in 300 steps, momentum methods ~0.95-0.96, plain gradient descent ~0.93.
+Result (seed 0, 300 steps, test accuracy): AdaGrad 0.961, heavy ball 0.950,
+RMSProp 0.942, gradient descent / SGD / adaptive rate 0.928, Adam / AdamW 0.919,
+EMA momentum 0.911, subgradient 0.903. (At these learning rates and 300 steps
+the ranking says more about the rates than the rules.)
 """
 
 import ml_collections
