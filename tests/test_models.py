@@ -198,3 +198,58 @@ def test_conv_fast_path_equals_lax_conv(size, channels, stride):
     g_fast = jax.grad(lambda v, x: fast.apply(v, x).sum(), argnums=(0, 1))(variables, x)
     for a, b in zip(jax.tree.leaves(g_fast), jax.tree.leaves(g_plain), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "size, cin, cout, kernel, stride, padding",
+    [
+        (16, 3, 16, 3, 1, ((1, 1), (1, 1))),
+        (16, 8, 16, 3, 2, ((1, 1), (1, 1))),
+        (32, 3, 8, 7, 2, ((3, 3), (3, 3))),
+        (8, 8, 16, 1, 2, ((0, 0), (0, 0))),
+        (4, 64, 128, 3, 2, ((1, 1), (1, 1))),
+        (9, 4, 4, 3, 2, "VALID"),
+    ],
+)
+def test_conv_cpu_gradients_equal_xla(size, cin, cout, kernel, stride, padding):
+    # On CPU the kernel gradient (and a strided conv's input gradient) are computed
+    # by jft as per-tap matmuls; they must equal XLA's own.
+    import flax.linen as nn
+
+    from jft.models.layers import conv_general_dilated
+
+    x = jax.random.normal(jax.random.key(0), (4, size, size, cin))
+    kw = dict(
+        features=cout, kernel_size=(kernel, kernel), strides=(stride, stride), padding=padding
+    )
+    plain, fast = nn.Conv(**kw), nn.Conv(**kw, conv_general_dilated=conv_general_dilated)
+    variables = plain.init(jax.random.key(1), x)
+    assert "custom_vjp" in str(jax.make_jaxpr(fast.apply)(variables, x))
+
+    def grads(model):
+        return jax.grad(lambda v, x: (model.apply(v, x) ** 2).sum(), argnums=(0, 1))(variables, x)
+
+    for a, b in zip(jax.tree.leaves(grads(fast)), jax.tree.leaves(grads(plain)), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(jnp.abs(b).max()))
+
+
+@pytest.mark.parametrize(
+    "shape, window, stride, padding",
+    [
+        ((2, 8, 8, 3), (2, 2), (2, 2), "VALID"),
+        ((2, 9, 9, 3), (2, 2), (2, 2), "VALID"),
+        ((2, 16, 16, 4), (3, 3), (2, 2), ((1, 1), (1, 1))),
+    ],
+)
+def test_max_pool_equals_flax(shape, window, stride, padding):
+    import flax.linen as nn
+
+    from jft.models.layers import max_pool
+
+    x = jax.random.normal(jax.random.key(0), shape)
+    np.testing.assert_array_equal(
+        max_pool(x, window, stride, padding), nn.max_pool(x, window, stride, padding=padding)
+    )
+    g_ref = jax.grad(lambda x: (nn.max_pool(x, window, stride, padding=padding) ** 2).sum())(x)
+    g = jax.grad(lambda x: (max_pool(x, window, stride, padding) ** 2).sum())(x)
+    np.testing.assert_allclose(g, g_ref, atol=1e-6)

@@ -71,7 +71,10 @@ def train_run(model, mode, data, *, rules=None, fsdp=False, **kwargs):
 
 
 def test_modes_agree_after_20_steps_with_batchnorm():
-    data = batches(20)
+    # The same global batch for 20 steps (as the issue asks). With 20 different random
+    # batches, a rounding-level difference can flip a max-pool argmax near a tie and
+    # Adam then amplifies it: a chaotic divergence, not a disagreement of the modes.
+    data = batches(1) * 20
     got = {mode: train_run(cnn(), mode, data) for mode in MODES}
     want, _ = got["none"]
     for mode in ("jit", "pmap"):

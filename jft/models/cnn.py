@@ -9,7 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jft.models.layers import BatchNorm
+from jft.models.layers import BatchNorm, conv_general_dilated, max_pool
 from jft.models.registry import register
 
 Dtype = Any
@@ -35,13 +35,14 @@ class CNNBackbone(nn.Module):
         x = jnp.asarray(x, self.dtype)
         for i, w in enumerate(self.widths):
             if i and min(x.shape[1:3]) >= 2:
-                x = nn.max_pool(x, (2, 2), (2, 2))
+                x = max_pool(x, (2, 2), (2, 2))
             x = nn.Conv(
                 w,
                 (3, 3),
                 padding=((1, 1), (1, 1)),
                 use_bias=False,
                 dtype=self.dtype,
+                conv_general_dilated=conv_general_dilated,
                 name=f"conv{i + 1}",
             )(x)
             x = BatchNorm(dtype=self.dtype, frozen=self.frozen_bn, name=f"bn{i + 1}")(x, train)

@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jft.models.layers import BatchNorm, conv_general_dilated, torch_padding
+from jft.models.layers import BatchNorm, conv_general_dilated, max_pool, torch_padding
 from jft.models.registry import register
 
 Dtype = Any
@@ -102,11 +102,12 @@ class ResNetBackbone(nn.Module):
             padding=torch_padding(7),
             use_bias=False,
             dtype=self.dtype,
+            conv_general_dilated=conv_general_dilated,
             name="conv1",
         )(x)
         x = BatchNorm(dtype=self.dtype, frozen=self.frozen_bn, name="bn1")(x, train)
         x = nn.relu(x)
-        x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
+        x = max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
         for i, (n, width) in enumerate(zip(self.stage_sizes, self.widths, strict=True)):
             for j in range(n):
                 strides = (self.first_stride if i == 0 else 2) if j == 0 else 1

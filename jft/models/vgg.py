@@ -23,7 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jft.models.layers import adaptive_avg_pool, conv_general_dilated
+from jft.models.layers import adaptive_avg_pool, conv_general_dilated, max_pool
 from jft.models.registry import register
 
 Dtype = Any
@@ -64,7 +64,7 @@ class VGGBackbone(nn.Module):
                     name=f"conv{b + 1}_{i + 1}",
                 )(x)
                 x = nn.relu(x)
-            x = nn.max_pool(x, (2, 2), (2, 2))
+            x = max_pool(x, (2, 2), (2, 2))
         if features_only:
             return x
         if not self.include_top:
