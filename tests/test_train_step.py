@@ -225,3 +225,38 @@ def test_bad_arguments():
     step = train.make_train_step(model, rules, losses.get("softmax_xent"), grad_accum_steps=3)
     with pytest.raises(ValueError, match="microbatches"):
         step(train.create_train_state(init(model), rules), batches(1)[0])
+
+
+def ynn_ops(hlo):
+    """The HLO op names inside the fusions that XLA:CPU hands to YNNPACK."""
+    import re
+
+    called = set(re.findall(r"calls=(%[\w.-]+).*__ynn_fusion", hlo))
+    bodies = re.findall(r"^(%[\w.-]+) \((.*?)^}", hlo, re.M | re.S)
+    ops = set()
+    for name, body in bodies:
+        if name in called:
+            ops |= set(re.findall(r"= \S+ ([a-z-]+)\(", body))
+    return ops
+
+
+def test_cpu_step_runs_convolutions_on_xla_kernels_and_nests():
+    # On the CPU the step is compiled with jft.models.compiler_options(), which keep
+    # convolutions out of YNNPACK (3x slower backward passes there) and leave it the
+    # reductions; called on tracers the step still works, as a plain jit.
+    model, rules = cnn(), [(".*", optax.adam(1e-3))]
+    state = train.create_train_state(init(model), rules)
+    step = train.make_train_step(model, rules, losses.get("softmax_xent"), donate=False)
+    batch = parallel.shard_batch(batches(1)[0], "none")
+    assert jft.models.compiler_options() == {
+        "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"
+    }
+    ops = ynn_ops(step.lower(state, batch).compile().as_text())
+    assert "reduce" in ops and "convolution" not in ops
+    plain = jax.jit(train.make_train_step(model, rules, losses.get("softmax_xent"), jit=False))
+    assert "convolution" in ynn_ops(plain.lower(state, batch).compile().as_text())
+    nested, _ = jax.jit(step)(state, batch)
+    direct, _ = step(state, batch)
+    leaves = zip(jax.tree.leaves(nested.trainable), jax.tree.leaves(direct.trainable), strict=True)
+    for a, b in leaves:
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

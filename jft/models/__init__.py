@@ -13,6 +13,7 @@ running statistics (see CONTRIBUTING.md for all conventions).
 from jft.models import cnn, layers, mlp, resnet, vgg  # noqa: F401  (registers the models)
 from jft.models.bert import Bert, BertOutput
 from jft.models.cnn import CNN
+from jft.models.layers import compiler_options
 from jft.models.mlp import MLP
 from jft.models.registry import get, names, register
 from jft.models.resnet import ResNet, resnet18, resnet34, resnet50
@@ -28,6 +29,7 @@ __all__ = [
     "VGG",
     "VGGFlattenHead",
     "ViT",
+    "compiler_options",
     "get",
     "names",
     "register",

@@ -63,10 +63,83 @@ class BatchNorm(nn.BatchNorm):
     momentum: float = 0.9
     frozen: tuple[str, ...] = ()
 
+    @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:  # type: ignore[override]
         """Normalizes ``x`` over all axes but the last."""
         frozen = is_frozen("/".join(self.scope.path), self.frozen)
-        return super().__call__(x, use_running_average=(not train) or frozen)
+        plain = (
+            self.axis in (-1, x.ndim - 1)
+            and self.use_bias
+            and self.use_scale
+            and self.use_fast_variance
+            and self.force_float32_reductions
+            and self.axis_index_groups is None
+        )
+        if not train or frozen or self.is_initializing() or not plain:
+            return super().__call__(x, use_running_average=(not train) or frozen)
+        # Train mode: the same statistics and output as nn.BatchNorm, with the
+        # backward pass written out (two per-channel sums and one elementwise pass;
+        # autodiff of the forward makes XLA:CPU take several more passes).
+        features = (x.shape[-1],)
+        zeros, ones = (lambda s: jnp.zeros(s, jnp.float32)), (lambda s: jnp.ones(s, jnp.float32))
+        ra_mean = self.variable("batch_stats", "mean", zeros, features)
+        ra_var = self.variable("batch_stats", "var", ones, features)
+        scale = self.param("scale", self.scale_init, features, self.param_dtype)
+        bias = self.param("bias", self.bias_init, features, self.param_dtype)
+        y, mean, var = _batch_norm_train(self.epsilon, self.axis_name, x, scale, bias)
+        mean, var = jax.lax.stop_gradient((mean, var))
+        ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+        ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
+        return jnp.asarray(y, self.dtype or jnp.result_type(x, scale))
+
+
+def _bn_stats(axis_name, x):
+    axes = tuple(range(x.ndim - 1))
+    x32 = x.astype(jnp.float32)
+    mean, mean2 = jnp.mean(x32, axes), jnp.mean(jnp.square(x32), axes)
+    if axis_name is not None:
+        mean, mean2 = jax.lax.pmean((mean, mean2), axis_name)
+    return mean, jnp.maximum(0.0, mean2 - jnp.square(mean))
+
+
+def _bn_apply(eps, x, mean, var, scale, bias):
+    mul = jax.lax.rsqrt(var + eps) * scale
+    return (x - mean) * mul + bias
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _batch_norm_train(eps, axis_name, x, scale, bias):
+    mean, var = _bn_stats(axis_name, x)
+    return _bn_apply(eps, x, mean, var, scale, bias), mean, var
+
+
+def _batch_norm_train_fwd(eps, axis_name, x, scale, bias):
+    mean, var = _bn_stats(axis_name, x)
+    y = _bn_apply(eps, x, mean, var, scale, bias)
+    return (y, mean, var), (x, mean, var, scale, bias)
+
+
+def _batch_norm_train_bwd(eps, axis_name, res, cts):
+    # The statistics' cotangents are zero: they only feed the running averages,
+    # behind a stop_gradient.
+    x, mean, var, scale, bias = res
+    dy = cts[0].astype(jnp.float32)
+    axes = tuple(range(x.ndim - 1))
+    rstd = jax.lax.rsqrt(var + eps)
+    xhat = (x.astype(jnp.float32) - mean) * rstd
+    sum_dy, sum_dy_xhat = jnp.sum(dy, axes), jnp.sum(dy * xhat, axes)
+    # scale and bias see this replica's rows only; x also reaches every
+    # replica's output through the shared statistics.
+    dscale, dbias = sum_dy_xhat, sum_dy
+    count = np.prod([x.shape[a] for a in axes])
+    if axis_name is not None:
+        sum_dy, sum_dy_xhat = jax.lax.psum((sum_dy, sum_dy_xhat), axis_name)
+        count = count * jax.lax.psum(1, axis_name)
+    dx = (scale * rstd) * (dy - sum_dy / count - xhat * (sum_dy_xhat / count))
+    return dx.astype(x.dtype), dscale.astype(scale.dtype), dbias.astype(bias.dtype)
+
+
+_batch_norm_train.defvjp(_batch_norm_train_fwd, _batch_norm_train_bwd)
 
 
 def _adaptive_matrix(size_in: int, size_out: int) -> np.ndarray:
@@ -105,6 +178,30 @@ def torch_padding(kernel_size: int) -> tuple[tuple[int, int], tuple[int, int]]:
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
+# XLA:CPU hands convolutions to its YNNPACK library by default. On this kind of
+# CPU that runs a 3x3 convolution's backward pass 3x slower than XLA's older
+# Eigen kernels (21.6 ms against 6.5 for 32->64 channels on 16x16, batch 64; the
+# forward 3.9 against 2.1), so jft keeps YNNPACK for reductions only, where it is
+# the faster one. Debug options set per compiled function, not process-wide.
+_CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
+
+
+def compiler_options(backend: str | None = None) -> dict[str, str]:
+    """The XLA options jft compiles its steps with on ``backend`` (default: JAX's default).
+
+    On the CPU backend they route convolutions to XLA's Eigen kernels instead of
+    YNNPACK, which trains jft's CNNs 1.5-3x faster there; on GPU and TPU there are
+    none. :func:`jft.train.make_train_step` and the eval step use them; pass them
+    to your own ``jax.jit`` of a model for the same speed:
+
+    >>> import jax
+    >>> step = jax.jit(lambda x: x + 1, compiler_options=compiler_options())
+    >>> int(step(1))
+    2
+    """
+    backend = backend or jax.default_backend()
+    return dict(_CPU_COMPILER_OPTIONS) if backend == "cpu" else {}
+
 
 def conv_general_dilated(
     lhs: jax.Array,
@@ -118,43 +215,27 @@ def conv_general_dilated(
     precision: jax.lax.PrecisionLike = None,
     **kwargs,
 ) -> jax.Array:
-    """``jax.lax.conv_general_dilated``, with a fast path for tiny feature maps on the CPU.
+    """``jax.lax.conv_general_dilated``, with faster formulations on the CPU backend.
 
-    XLA:CPU runs a k×k convolution over a 2×2 map with many channels (ResNet's
-    last stage at 64×64 input: 512→512 on 2×2) some 50× slower than the same
-    product written as image patches times the kernel matrix (900 ms against
-    12 ms for a batch of 32 on 2 cores, and the same for the backward pass). On
-    such maps, and only on the CPU backend, this computes it that way; anywhere
-    else it is ``lax.conv_general_dilated``. Pass it to ``nn.Conv(...,
-    conv_general_dilated=conv_general_dilated)``: parameters are unchanged.
+    Pass it to ``nn.Conv(..., conv_general_dilated=conv_general_dilated)``;
+    parameters and values are unchanged. Off the CPU backend, and for dilated,
+    grouped or non-NHWC convolutions, it is ``lax.conv_general_dilated``. On the
+    CPU (timed on 2 cores, with :func:`compiler_options`):
+
+    - A stride-1 convolution onto a map of at most 4×4 pixels is a sum of one
+      matmul per kernel tap over the input rectangle the tap sees. XLA:CPU runs
+      such convolutions up to 150× slower (ResNet-18's last stage at 64×64
+      input, 512→512 on 2×2, batch 32: 290 ms forward against 1.8; forward and
+      backward 5.3 ms against PyTorch's 11.3).
+    - A strided convolution keeps XLA's forward pass, but its input gradient
+      and kernel gradient are per-tap matmuls (XLA's input gradient, a
+      base-dilated convolution, took 62 ms for 256→512 from 4×4, against 3.5).
+    - Anything else is XLA's own convolution.
     """
     dilated = any(d != 1 for d in (lhs_dilation or ())) or any(d != 1 for d in (rhs_dilation or ()))
     nhwc = lhs.ndim == 4 and dimension_numbers == jax.lax.conv_dimension_numbers(
         lhs.shape, rhs.shape, _NHWC
     )
-    if (
-        jax.default_backend() == "cpu"
-        and nhwc
-        and not dilated
-        and feature_group_count == 1
-        and not kwargs
-        and max(lhs.shape[1:3]) <= 2
-        and rhs.shape[0] * rhs.shape[1] > 1
-        and lhs.shape[3] >= 128
-    ):
-        patches = jax.lax.conv_general_dilated_patches(
-            lhs,
-            rhs.shape[:2],
-            window_strides,
-            padding,
-            dimension_numbers=_NHWC,
-            precision=precision,
-        )
-        # Patch features are ordered (channel, kernel row, kernel column).
-        kernel = jnp.transpose(rhs, (2, 0, 1, 3)).reshape(-1, rhs.shape[3])
-        return jnp.einsum(
-            "nhwk,ko->nhwo", patches, kernel.astype(patches.dtype), precision=precision
-        )
     if jax.default_backend() == "cpu" and nhwc and not dilated and feature_group_count == 1:
         if not kwargs:
             pads = padding
@@ -162,7 +243,15 @@ def conv_general_dilated(
                 pads = jax.lax.padtype_to_pads(
                     lhs.shape[1:3], rhs.shape[:2], window_strides, padding
                 )
-            return _conv_cpu(tuple(window_strides), tuple(map(tuple, pads)), precision, lhs, rhs)
+            pads = tuple(map(tuple, pads))
+            strides = tuple(window_strides)
+            if strides != (1, 1):
+                return _conv_cpu(strides, pads, precision, lhs, rhs)
+            kh, kw = rhs.shape[:2]
+            ho = lhs.shape[1] + pads[0][0] + pads[0][1] - kh + 1
+            wo = lhs.shape[2] + pads[1][0] + pads[1][1] - kw + 1
+            if kh * kw > 1 and ho * wo <= 16 and min(ho, wo) > 0:
+                return _conv_taps(pads, precision, lhs, rhs)
     return jax.lax.conv_general_dilated(
         lhs,
         rhs,
@@ -177,6 +266,34 @@ def conv_general_dilated(
     )
 
 
+def _conv_taps(pads, precision, x, w):
+    # A stride-1 NHWC convolution as a sum over kernel taps: each tap multiplies
+    # the rectangle of x it sees (padding excluded) by its C_in x C_out matrix, and
+    # the product lands in its rectangle of the output. Plain ops, so autodiff
+    # gives the backward pass in the same form.
+    _, h, wd, _ = x.shape
+    kh, kw, _, _ = w.shape
+    (pt, pb), (pl, pr) = pads
+    ho, wo = h + pt + pb - kh + 1, wd + pl + pr - kw + 1
+    # Split, not indexed: the kernel's gradient is then one concatenation of the
+    # taps' gradients rather than a sum of kh*kw zero-padded full-size kernels.
+    taps = jnp.split(w.astype(x.dtype).reshape(kh * kw, *w.shape[2:]), kh * kw)
+    out = None
+    for i in range(kh):
+        r0, r1 = max(0, pt - i), min(ho, h + pt - i)
+        for j in range(kw):
+            c0, c1 = max(0, pl - j), min(wo, wd + pl - j)
+            if r0 >= r1 or c0 >= c1:
+                continue
+            xs = x[:, r0 + i - pt : r1 + i - pt, c0 + j - pl : c1 + j - pl, :]
+            y = jnp.einsum("nhwc,co->nhwo", xs, taps[i * kw + j][0], precision=precision)
+            y = jnp.pad(y, ((0, 0), (r0, ho - r1), (c0, wo - c1), (0, 0)))
+            out = y if out is None else out + y
+    if out is None:  # every tap falls in the padding
+        out = jnp.zeros((x.shape[0], ho, wo, w.shape[3]), x.dtype)
+    return out
+
+
 def _conv_nhwc(strides, pads, precision, x, w):
     return jax.lax.conv_general_dilated(
         x, w, strides, pads, dimension_numbers=_NHWC, precision=precision
@@ -185,7 +302,7 @@ def _conv_nhwc(strides, pads, precision, x, w):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
 def _conv_cpu(strides, pads, precision, x, w):
-    # An NHWC convolution whose kernel gradient is a sum of shifted matmuls (below).
+    # A strided NHWC convolution whose gradients are sums of per-tap matmuls (below).
     return _conv_nhwc(strides, pads, precision, x, w)
 
 
@@ -194,18 +311,12 @@ def _conv_cpu_fwd(strides, pads, precision, x, w):
 
 
 def _conv_cpu_bwd(strides, pads, precision, res, g):
-    # XLA:CPU computes a convolution's kernel gradient 2-4x slower than the
-    # convolution itself (15.6 ms against 4.4 for 32->64 channels on 16x16, batch
-    # 64). Written as one (C_in x N*H*W) @ (N*H*W x C_out) matmul per kernel tap over
-    # the shifted input it takes 5 ms. The input gradient stays XLA's own.
+    # The kernel gradient as one (C_in x N*H*W) @ (N*H*W x C_out) matmul per kernel
+    # tap over the strided input it sees.
     x, w = res
     kh, kw, ci, co = w.shape
     n, ho, wo, _ = g.shape
-    if strides == (1, 1):
-        _, vjp = jax.vjp(lambda x: _conv_nhwc(strides, pads, precision, x, w), x)
-        (dx,) = vjp(g)
-    else:
-        dx = _strided_conv_input_grad(strides, pads, precision, x.shape, w, g)
+    dx = _strided_conv_input_grad(strides, pads, precision, x.shape, w, g)
     xp = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
     gm = g.reshape(-1, co)
     taps = []
@@ -260,31 +371,76 @@ def max_pool(
     strides: tuple[int, int],
     padding: str | Sequence[tuple[int, int]] = "VALID",
 ) -> jax.Array:
-    """``nn.max_pool`` on NHWC maps as a maximum over the window's strided slices.
+    """``nn.max_pool`` on NHWC maps, with a backward pass XLA:CPU runs fast.
 
-    The values are ``nn.max_pool``'s; the gradient is a chain of elementwise
-    selects instead of XLA's select-and-scatter, which XLA:CPU runs 5-20x slower
-    (23 ms against 4 for a 2×2 pool of a 64×32×32×32 batch). Where a window has
-    several equal maxima the gradient is shared among them rather than given to
-    one.
+    The values are ``nn.max_pool``'s, and so is the gradient: it goes to the
+    first maximum of each window in row-major order. XLA computes it with
+    select-and-scatter, which XLA:CPU runs 5-20x slower than this (23 ms
+    against 4 for a 2×2 pool of a 64×32×32×32 batch): one elementwise mask per
+    window tap, spread back onto the map with interior padding and summed in
+    one pass.
     """
-    kh, kw = window_shape
-    sh, sw = strides
     if isinstance(padding, str):
         padding = jax.lax.padtype_to_pads(x.shape[1:3], window_shape, strides, padding)
     (pt, pb), (pl, pr) = padding
     if pt or pb or pl or pr:
         x = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)), constant_values=-jnp.inf)
+    return _max_pool(tuple(window_shape), tuple(strides), x)
+
+
+def _pool_taps(window, strides, x):
+    # The window's kh*kw strided views of x, each (N, Ho, Wo, C), row-major.
+    (kh, kw), (sh, sw) = window, strides
     n, h, w, c = x.shape
     ho, wo = (h - kh) // sh + 1, (w - kw) // sw + 1
-    out = None
-    for i in range(kh):
-        for j in range(kw):
-            tap = jax.lax.slice(
-                x,
-                (0, i, j, 0),
-                (n, i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1, c),
-                (1, sh, sw, 1),
-            )
-            out = tap if out is None else jnp.maximum(out, tap)
+    return [
+        jax.lax.slice(
+            x, (0, i, j, 0), (n, i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1, c), (1, sh, sw, 1)
+        )
+        for i in range(kh)
+        for j in range(kw)
+    ]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _max_pool(window, strides, x):
+    taps = _pool_taps(window, strides, x)
+    out = taps[0]
+    for t in taps[1:]:
+        out = jnp.maximum(out, t)
     return out
+
+
+def _max_pool_fwd(window, strides, x):
+    y = _max_pool(window, strides, x)
+    return y, (x, y)
+
+
+def _max_pool_bwd(window, strides, res, g):
+    x, y = res
+    (_, kw), (sh, sw) = window, strides
+    _, h, w, _ = x.shape
+    _, ho, wo, _ = y.shape
+    zero = jnp.zeros((), g.dtype)
+    taken, dx = None, None
+    for k, t in enumerate(_pool_taps(window, strides, x)):
+        hit = t == y
+        if taken is not None:
+            hit = hit & ~taken
+        taken = hit if taken is None else taken | hit
+        i, j = divmod(k, kw)
+        d = jax.lax.pad(
+            jnp.where(hit, g, zero),
+            zero,
+            (
+                (0, 0, 0),
+                (i, h - i - sh * (ho - 1) - 1, sh - 1),
+                (j, w - j - sw * (wo - 1) - 1, sw - 1),
+                (0, 0, 0),
+            ),
+        )
+        dx = d if dx is None else dx + d
+    return (dx,)
+
+
+_max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)

@@ -26,6 +26,7 @@ from jax.sharding import Mesh
 
 from jft.train import losses as losses_lib
 from jft.train import parallel as parallel_lib
+from jft.train._jit import OptionsJit
 from jft.train.inputs import model_args
 from jft.train.parallel import AXIS
 
@@ -132,7 +133,7 @@ def make_eval_step(
 
     if parallel == "pmap":
         return jax.pmap(step, axis_name=AXIS, out_axes=None)
-    return jax.jit(step)
+    return OptionsJit(step)
 
 
 def accumulate(total: Sums | None, sums: Sums) -> Sums:

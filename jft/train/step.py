@@ -31,6 +31,7 @@ from jax.sharding import Mesh
 
 from jft import partition
 from jft.train import parallel as parallel_lib
+from jft.train._jit import OptionsJit
 from jft.train.inputs import model_args
 from jft.train.parallel import AXIS
 
@@ -360,26 +361,40 @@ def make_train_step(
 
         if axis_name is not None:
             grads, loss, aux = jax.lax.pmean((grads, loss, aux), axis_name)
-        finite = _all_finite(grads) & jnp.isfinite(loss)
-        updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
-        trainable = optax.apply_updates(state.trainable, updates)
+        # The barrier keeps XLA from fusing these reductions over the gradients
+        # into the optimizer's elementwise passes, which makes those several
+        # times slower on the CPU.
+        seen = jax.lax.optimization_barrier(grads)
+        finite = _all_finite(seen) & jnp.isfinite(loss)
 
-        def keep_if_finite(new, old):
-            return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        def apply(trainable, opt_state):
+            updates, opt_state = tx.update(grads, opt_state, trainable)
+            return optax.apply_updates(trainable, updates), opt_state, optax.global_norm(updates)
 
+        def skip(trainable, opt_state):
+            return trainable, opt_state, jnp.full((), jnp.nan, jnp.float32)
+
+        # A branch rather than a select between new and old values: XLA then
+        # updates the parameters and optimizer state in place, where a select
+        # keeps both and copies (60 ms against 12 for ResNet-18's Adam update).
+        trainable, opt_state, update_norm = jax.lax.cond(
+            finite, apply, skip, state.trainable, state.opt_state
+        )
         nonfinite = jnp.where(finite, 0, state.nonfinite + 1).astype(jnp.int32)
         new_state = state.replace(
             step=state.step + 1,
-            trainable=keep_if_finite(trainable, state.trainable),
-            batch_stats=keep_if_finite(batch_stats, state.batch_stats),
-            opt_state=keep_if_finite(opt_state, state.opt_state),
+            trainable=trainable,
+            batch_stats=jax.tree.map(
+                lambda n, o: jnp.where(finite, n, o), batch_stats, state.batch_stats
+            ),
+            opt_state=opt_state,
             nonfinite=nonfinite,
         )
         metrics = {
             "loss": loss,
-            "grad_norm": optax.global_norm(grads),
-            "update_norm": optax.global_norm(updates),
-            "param_norm": optax.global_norm(new_state.trainable),
+            "grad_norm": optax.global_norm(seen),
+            "update_norm": update_norm,
+            "param_norm": optax.global_norm(jax.lax.optimization_barrier(trainable)),
             "nonfinite": nonfinite,
             **aux,
         }
@@ -401,11 +416,12 @@ def make_train_step(
     donate_argnums = 0 if donate else ()
     if parallel == "pmap":
         return jax.pmap(step, axis_name=AXIS, donate_argnums=donate_argnums, out_axes=(0, None))
+    # jax.pmap takes no compiler options: under pmap the CPU runs XLA's defaults.
     if parallel == "jit":
-        return jax.jit(step, donate_argnums=donate_argnums)
+        return OptionsJit(step, donate_argnums=donate_argnums)
     if not jit:
         return step
-    return jax.jit(step, donate_argnums=donate_argnums)
+    return OptionsJit(step, donate_argnums=donate_argnums)
 
 
 def _value_and_grad(loss_of, trainable):
