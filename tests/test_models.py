@@ -180,6 +180,7 @@ def test_frozen_bn_uses_and_keeps_running_statistics():
         (4, 256, 1, "taps"),
         (2, 128, 2, "strided"),
         (8, 64, 1, "xla"),
+        (16, 3, 2, "xla"),
     ],
 )
 def test_conv_cpu_paths_equal_lax_conv(size, channels, stride, path):
@@ -214,10 +215,10 @@ def test_conv_cpu_paths_equal_lax_conv(size, channels, stride, path):
     "size, cin, cout, kernel, stride, padding",
     [
         (16, 8, 16, 3, 2, ((1, 1), (1, 1))),
-        (32, 3, 8, 7, 2, ((3, 3), (3, 3))),
+        (32, 8, 8, 7, 2, ((3, 3), (3, 3))),
         (8, 8, 16, 1, 2, ((0, 0), (0, 0))),
         (4, 64, 128, 3, 2, ((1, 1), (1, 1))),
-        (9, 4, 4, 3, 2, "VALID"),
+        (9, 8, 4, 3, 2, "VALID"),
         (3, 4, 8, 3, 1, ((2, 0), (0, 2))),
         (3, 4, 8, 3, 1, "VALID"),
     ],
