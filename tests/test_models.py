@@ -252,6 +252,7 @@ def test_conv_cpu_gradients_equal_xla(size, cin, cout, kernel, stride, padding):
         ((2, 8, 8, 3), (2, 2), (2, 2), "VALID"),
         ((2, 9, 9, 3), (2, 2), (2, 2), "VALID"),
         ((2, 16, 16, 4), (3, 3), (2, 2), ((1, 1), (1, 1))),
+        ((2, 7, 7, 2), (3, 3), (3, 3), "VALID"),
     ],
 )
 def test_max_pool_equals_flax(shape, window, stride, padding):

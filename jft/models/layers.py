@@ -381,9 +381,11 @@ def max_pool(
     The values are ``nn.max_pool``'s, and so is the gradient: it goes to the
     first maximum of each window in row-major order. XLA computes it with
     select-and-scatter, which XLA:CPU runs 5-20x slower than this (23 ms
-    against 4 for a 2×2 pool of a 64×32×32×32 batch): one elementwise mask per
-    window tap, spread back onto the map with interior padding and summed in
-    one pass.
+    against 4 for a 2×2 pool of a 64×32×32×32 batch). Here the forward pass
+    also keeps each window's argmax as an int8 tap index, as PyTorch does, and
+    the backward pass is elementwise on it: for windows that tile the map, one
+    pass in the map's own layout; otherwise one mask per tap, spread back with
+    interior padding and summed. The small CNN's step went from 37 to 32 ms.
     """
     if isinstance(padding, str):
         padding = jax.lax.padtype_to_pads(x.shape[1:3], window_shape, strides, padding)
@@ -407,35 +409,45 @@ def _pool_taps(window, strides, x):
     ]
 
 
+def _max_pool_and_index(window, strides, x):
+    # The maximum of each window and the position (row-major tap index) of its
+    # first maximum; taps later in the window replace it only when greater.
+    taps = _pool_taps(window, strides, x)
+    out, index = taps[0], jnp.zeros(taps[0].shape, jnp.int8)
+    for k, t in enumerate(taps[1:], start=1):
+        index = jnp.where(t > out, jnp.int8(k), index)
+        out = jnp.maximum(out, t)
+    return out, index
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _max_pool(window, strides, x):
-    taps = _pool_taps(window, strides, x)
-    out = taps[0]
-    for t in taps[1:]:
-        out = jnp.maximum(out, t)
-    return out
+    return _max_pool_and_index(window, strides, x)[0]
 
 
 def _max_pool_fwd(window, strides, x):
-    y = _max_pool(window, strides, x)
-    return y, (x, y)
+    y, index = _max_pool_and_index(window, strides, x)
+    return y, (index, x.shape)
 
 
 def _max_pool_bwd(window, strides, res, g):
-    x, y = res
-    (_, kw), (sh, sw) = window, strides
-    _, h, w, _ = x.shape
-    _, ho, wo, _ = y.shape
+    # The gradient goes to each window's first maximum, as select-and-scatter
+    # gives it, from the saved int8 positions alone.
+    index, (n, h, w, c) = res
+    (kh, kw), (sh, sw) = window, strides
+    _, ho, wo, _ = g.shape
     zero = jnp.zeros((), g.dtype)
-    taken, dx = None, None
-    for k, t in enumerate(_pool_taps(window, strides, x)):
-        hit = t == y
-        if taken is not None:
-            hit = hit & ~taken
-        taken = hit if taken is None else taken | hit
+    if (kh, kw) == (sh, sw):
+        # Windows tile the map: (N, Ho, kh, Wo, kw, C) is the map's own layout.
+        taps = (jnp.arange(kh)[:, None] * kw + jnp.arange(kw)[None, :]).astype(jnp.int8)
+        hit = index[:, :, None, :, None, :] == taps[None, None, :, None, :, None]
+        dx = jnp.where(hit, g[:, :, None, :, None, :], zero).reshape(n, ho * kh, wo * kw, c)
+        return (jnp.pad(dx, ((0, 0), (0, h - ho * kh), (0, w - wo * kw), (0, 0))),)
+    dx = None
+    for k in range(kh * kw):
         i, j = divmod(k, kw)
         d = jax.lax.pad(
-            jnp.where(hit, g, zero),
+            jnp.where(index == k, g, zero),
             zero,
             (
                 (0, 0, 0),
