@@ -4,8 +4,9 @@ What is measured, per model: one whole training step (forward in train mode,
 loss, backward, Adam update) on a fixed batch already in memory.
 
 - jft: :func:`jft.train.make_train_step` (``parallel="none"``: ``jax.jit`` with
-  the state donated), metrics included (loss, grad/update/param norms), timed
-  to ``block_until_ready`` of the loss.
+  the state donated and :func:`jft.models.compiler_options`), metrics included
+  (loss, grad/update/param norms, the non-finite guard), timed to
+  ``block_until_ready`` of the loss.
 - PyTorch: the twin ``torch.nn`` model in train mode, ``zero_grad(set_to_none)``,
   forward, loss, ``backward()``, ``torch.optim.Adam(foreach=True).step()``, timed
   twice: with as many intra-op threads as JAX's CPU client gets (the cores this
