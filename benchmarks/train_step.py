@@ -22,11 +22,13 @@ Models (float32, Adam lr 1e-3):
   dropout 0.1) on 32×32×3, softmax cross-entropy, batch 64.
 - ``resnet18``: ResNet-18 (torchvision's layout) on 64×64×3, 10 classes, batch 32.
 
-Each time is the median over rounds of the mean step time of a block of steps,
-after warm-up; within a round jft runs first, then torch, then the script
-sleeps 0.5 s (torch's OpenMP threads keep spinning after a step and would slow
-the next JAX call), so load from other processes on a shared machine falls on
-both alike. Target: jft's step time ≤ PyTorch's (ratio ≤ 1).
+jft is timed twice: as the default step, and with ``norms=False``, which skips
+the grad, update and param norms and so does what the torch step does (the
+non-finite guard stays on). Each time is the median over rounds of the mean
+step time of a block of steps, after warm-up; within a round the two jft
+steps run first, then torch, then the script sleeps 0.5 s (torch's OpenMP
+threads keep spinning after a step and would slow the next JAX call), so load
+from other processes on a shared machine falls on all alike. Target: jft's step time ≤ PyTorch's (ratio ≤ 1).
 
 Run: ``python benchmarks/train_step.py [--rounds N] [--models mlp,cnn,resnet18]``.
 """
@@ -156,15 +158,21 @@ def make_runners(name: str):
     # jft
     variables = jax.jit(model.init)(jax.random.key(0), images[:2])
     rules = [(".*", optax.adam(LR))]
-    state = train.create_train_state(variables, rules)
-    step = train.make_train_step(model, rules, train.losses.get(loss_name))
     jbatch = train.shard_batch({"image": images, "label": labels}, "none")
 
-    def run_jft(n: int) -> None:
-        nonlocal state
-        for _ in range(n):
-            state, metrics = step(state, jbatch)
-        metrics["loss"].block_until_ready()
+    def jft_runner(norms: bool):
+        state = train.create_train_state(jax.tree.map(jnp.copy, variables), rules)
+        step = train.make_train_step(model, rules, train.losses.get(loss_name), norms=norms)
+
+        def run(n: int) -> None:
+            nonlocal state
+            for _ in range(n):
+                state, metrics = step(state, jbatch)
+            metrics["loss"].block_until_ready()
+
+        return run
+
+    run_jft, run_jft_plain = jft_runner(True), jft_runner(False)
 
     # torch
     tmodel.train()
@@ -185,7 +193,7 @@ def make_runners(name: str):
             loss.backward()
             opt.step()
 
-    return run_jft, run_torch
+    return run_jft, run_jft_plain, run_torch
 
 
 def timed(run, n: int) -> float:
@@ -194,9 +202,9 @@ def timed(run, n: int) -> float:
     return (time.perf_counter() - t) / n
 
 
-def bench(name: str, rounds: int, budget_s: float, threads: int) -> tuple[float, float, float]:
-    """Median seconds per step (jft, torch with ``threads``, torch with 1), alternating rounds."""
-    run_jft, run_torch = make_runners(name)
+def bench(name: str, rounds: int, budget_s: float, threads: int) -> tuple[float, ...]:
+    """Median seconds per step (jft, jft without norms, torch with ``threads``, torch with 1)."""
+    run_jft, run_jft_plain, run_torch = make_runners(name)
 
     def torch_with(n_threads):
         def run(n):
@@ -205,18 +213,18 @@ def bench(name: str, rounds: int, budget_s: float, threads: int) -> tuple[float,
 
         return run
 
-    runs = [run_jft, torch_with(threads), torch_with(1)]
+    runs = [run_jft, run_jft_plain, torch_with(threads), torch_with(1)]
     for run in runs:  # compile, warm up
         run(2)
     time.sleep(0.5)
-    # Steps per block: about budget_s / rounds seconds per round for the three.
+    # Steps per block: about budget_s / rounds seconds per round for the four.
     probe = sum(max(timed(run, 2), 1e-5) for run in runs)
     n = max(1, int(budget_s / rounds / probe))
-    times = [[], [], []]
+    times = [[] for _ in runs]
     for _ in range(rounds):
-        for run, t in zip(runs, times, strict=True):
+        for i, (run, t) in enumerate(zip(runs, times, strict=True)):
             t.append(timed(run, n))
-            if run is not run_jft:
+            if i >= 2:
                 time.sleep(0.5)
     return tuple(statistics.median(t) for t in times)
 
@@ -226,7 +234,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--models", default="mlp,cnn,resnet18")
-    parser.add_argument("--budget", type=float, default=15.0, help="timed seconds per model")
+    parser.add_argument("--budget", type=float, default=20.0, help="timed seconds per model")
     args = parser.parse_args()
     threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     torch.set_num_threads(threads)
@@ -236,23 +244,31 @@ def main() -> None:
     )
     rows = []
     for name in args.models.split(","):
-        j, t, t1 = bench(name, args.rounds, args.budget, threads)
-        rows.append((name, j, t, t1))
-        print(f"  {name}: jft {j * 1e3:.3f}, torch {t * 1e3:.3f} / {t1 * 1e3:.3f} ms", flush=True)
+        j, jp, t, t1 = bench(name, args.rounds, args.budget, threads)
+        rows.append((name, j, jp, t, t1))
+        print(
+            f"  {name}: jft {j * 1e3:.3f} (no norms {jp * 1e3:.3f}), "
+            f"torch {t * 1e3:.3f} / {t1 * 1e3:.3f} ms",
+            flush=True,
+        )
     print()
     header = (
-        f"{'model':<9} {'jft ms':>9} {f'torch {threads}t ms':>13} {'torch 1t ms':>12} "
-        f"{'jft steps/s':>12} {'torch steps/s':>14} {'jft/torch':>10}"
+        f"{'model':<9} {'jft ms':>9} {'no norms':>9} {f'torch {threads}t':>9} {'torch 1t':>9} "
+        f"{'jft/torch':>10} {'no norms/torch':>15}"
     )
     print(header)
     print("-" * len(header))
-    for name, j, t, t1 in rows:
+    for name, j, jp, t, t1 in rows:
         best = min(t, t1)
         print(
-            f"{name:<9} {j * 1e3:>9.3f} {t * 1e3:>13.3f} {t1 * 1e3:>12.3f} "
-            f"{1 / j:>12.1f} {1 / best:>14.1f} {j / best:>10.2f}"
+            f"{name:<9} {j * 1e3:>9.3f} {jp * 1e3:>9.3f} {t * 1e3:>9.3f} {t1 * 1e3:>9.3f} "
+            f"{j / best:>10.2f} {jp / best:>15.2f}"
         )
-    print("(torch steps/s and jft/torch: against the faster torch thread setting)")
+    print(
+        "(ms per step; ratios against the faster torch thread setting; 'no norms' is\n"
+        " make_train_step(norms=False), the same work as the torch step: no grad,\n"
+        " update or param norms)"
+    )
 
 
 if __name__ == "__main__":

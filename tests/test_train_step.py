@@ -260,3 +260,20 @@ def test_cpu_step_runs_convolutions_on_xla_kernels_and_nests():
     leaves = zip(jax.tree.leaves(nested.trainable), jax.tree.leaves(direct.trainable), strict=True)
     for a, b in leaves:
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_step_without_norms_makes_the_same_update():
+    model, rules = cnn(), [(".*", optax.adam(1e-3))]
+    data = batches(3)
+    results = []
+    for norms in (True, False):
+        state = train.create_train_state(init(model), rules)
+        step = train.make_train_step(model, rules, losses.get("softmax_xent"), norms=norms)
+        for b in data:
+            state, m = step(state, parallel.shard_batch(b, "none"))
+        results.append((state, m))
+    (with_norms, m1), (without, m2) = results
+    assert {"grad_norm", "update_norm", "param_norm"} <= set(m1)
+    assert not {"grad_norm", "update_norm", "param_norm"} & set(m2)
+    assert float(m1["update_norm"]) > 0 and float(m1["loss"]) == float(m2["loss"])
+    assert max_diff(with_norms.trainable, without.trainable) == 0

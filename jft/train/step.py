@@ -199,6 +199,7 @@ def make_train_step(
     compute_dtype: Any = None,
     jit: bool = True,
     donate: bool = True,
+    norms: bool = True,
 ) -> StepFn:
     """Builds the train step ``(state, batch) -> (state, metrics)`` for ``rules``.
 
@@ -263,10 +264,15 @@ def make_train_step(
         is cast to float32 before ``loss_fn``).
       jit: compile the step (``parallel="none"`` only), else the plain function.
       donate: donate the state's buffers to the step.
+      norms: report ``grad_norm``, ``update_norm`` and ``param_norm``. Without
+        them the step does what a plain PyTorch step does: on the CPU the
+        update norm alone costs ResNet-18 about 10 ms (6%) a step, because the
+        update must then be written out rather than fused into the
+        parameters' in-place update.
 
     Returns:
       The step. Its metrics: ``loss``, ``grad_norm``, ``update_norm``,
-      ``param_norm`` (of the trainable parameters), learning rates,
+      ``param_norm`` (of the trainable parameters; with ``norms``), learning rates,
       ``nonfinite`` (the state's counter after this step; > 0 means this step
       was skipped), and the metrics of ``loss_fn``. They are scalars in every
       mode (averaged over devices under ``pmap``).
@@ -369,7 +375,8 @@ def make_train_step(
 
         def apply(trainable, opt_state):
             updates, opt_state = tx.update(grads, opt_state, trainable)
-            return optax.apply_updates(trainable, updates), opt_state, optax.global_norm(updates)
+            norm = optax.global_norm(updates) if norms else jnp.zeros((), jnp.float32)
+            return optax.apply_updates(trainable, updates), opt_state, norm
 
         def skip(trainable, opt_state):
             return trainable, opt_state, jnp.full((), jnp.nan, jnp.float32)
@@ -390,14 +397,11 @@ def make_train_step(
             opt_state=opt_state,
             nonfinite=nonfinite,
         )
-        metrics = {
-            "loss": loss,
-            "grad_norm": optax.global_norm(seen),
-            "update_norm": update_norm,
-            "param_norm": optax.global_norm(jax.lax.optimization_barrier(trainable)),
-            "nonfinite": nonfinite,
-            **aux,
-        }
+        metrics = {"loss": loss, "nonfinite": nonfinite, **aux}
+        if norms:
+            metrics["grad_norm"] = optax.global_norm(seen)
+            metrics["update_norm"] = update_norm
+            metrics["param_norm"] = optax.global_norm(jax.lax.optimization_barrier(trainable))
         if learning_rate is None:
             metrics.update(_learning_rates(opt_state))
         elif callable(learning_rate):
