@@ -76,6 +76,17 @@ def _cmd(recipe, workdir, *extra):
     ]
 
 
+def _spawn(recipe, workdir, data_dir, stdout):
+    """``jft train`` started in the background, stderr captured."""
+    return subprocess.Popen(
+        _cmd(recipe, workdir),
+        env=_env(data_dir),
+        stdout=stdout,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
 def _run(recipe, workdir, data_dir, *extra, timeout=300):
     out = subprocess.run(
         _cmd(recipe, workdir, *extra),
@@ -151,13 +162,7 @@ def test_sigkill_at_random_moments_resumes_bitwise(recipe, data_dir, reference, 
     kills = []
     for i, target in enumerate(targets):
         inode = metrics.stat().st_ino if metrics.exists() else None
-        proc = subprocess.Popen(
-            _cmd(recipe, workdir),
-            env=_env(data_dir),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        proc = _spawn(recipe, workdir, data_dir, subprocess.DEVNULL)
 
         def reached(target=target, inode=inode):
             # This process has rewritten metrics.jsonl (its resume point) and logged past target.
@@ -190,13 +195,7 @@ def test_sigkill_at_random_moments_resumes_bitwise(recipe, data_dir, reference, 
 
 def test_sigterm_saves_and_exits_cleanly(recipe, data_dir, reference, tmp_path):
     workdir = tmp_path / "term"
-    proc = subprocess.Popen(
-        _cmd(recipe, workdir),
-        env=_env(data_dir),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = _spawn(recipe, workdir, data_dir, subprocess.PIPE)
     _wait_until(lambda: len(_steps(workdir)) >= 10, proc)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)

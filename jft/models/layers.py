@@ -320,20 +320,13 @@ def _conv_cpu_bwd(strides, pads, precision, res, g):
     # tap over the strided input it sees.
     x, w = res
     kh, kw, ci, co = w.shape
-    n, ho, wo, _ = g.shape
     dx = _strided_conv_input_grad(strides, pads, precision, x.shape, w, g)
     xp = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
     gm = g.reshape(-1, co)
-    taps = []
-    for i in range(kh):
-        for j in range(kw):
-            xs = jax.lax.slice(
-                xp,
-                (0, i, j, 0),
-                (n, i + strides[0] * (ho - 1) + 1, j + strides[1] * (wo - 1) + 1, ci),
-                (1, strides[0], strides[1], 1),
-            )
-            taps.append(jnp.matmul(xs.reshape(-1, ci).T, gm, precision=precision))
+    taps = [
+        jnp.matmul(xs.reshape(-1, ci).T, gm, precision=precision)
+        for xs in _window_views((kh, kw), strides, xp)
+    ]
     dw = jnp.stack(taps).reshape(kh, kw, ci, co).astype(w.dtype)
     return dx, dw
 
@@ -344,27 +337,48 @@ def _strided_conv_input_grad(strides, pads, precision, x_shape, w, g):
     # 2x2 map (batch 32), against 2 ms as one (g @ kernel tap^T) per tap, each
     # spread back onto the input grid with interior padding.
     kh, kw, _, _ = w.shape
-    _, ho, wo, _ = g.shape
     (pt, pb), (pl, pr) = pads
     h, wd = x_shape[1] + pt + pb, x_shape[2] + pl + pr
-    sh, sw = strides
-    zero = jnp.zeros((), g.dtype)
     out = None
     for i in range(kh):
         for j in range(kw):
             c = jnp.matmul(g, w[i, j].T.astype(g.dtype), precision=precision)
-            c = jax.lax.pad(
-                c,
-                zero,
-                (
-                    (0, 0, 0),
-                    (i, h - i - (sh * (ho - 1) + 1), sh - 1),
-                    (j, wd - j - (sw * (wo - 1) + 1), sw - 1),
-                    (0, 0, 0),
-                ),
-            )
+            c = _spread(c, i, j, strides, (h, wd))
             out = c if out is None else out + c
     return out[:, pt : h - pb, pl : wd - pr, :]
+
+
+def _window_views(window, strides, x):
+    # The kh*kw strided views of x that a window's taps see, each (N, Ho, Wo, C),
+    # in row-major tap order.
+    (kh, kw), (sh, sw) = window, strides
+    n, h, w, c = x.shape
+    ho, wo = (h - kh) // sh + 1, (w - kw) // sw + 1
+    return [
+        jax.lax.slice(
+            x, (0, i, j, 0), (n, i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1, c), (1, sh, sw, 1)
+        )
+        for i in range(kh)
+        for j in range(kw)
+    ]
+
+
+def _spread(d, i, j, strides, size):
+    # The inverse of a window view: tap (i, j)'s (N, Ho, Wo, C) values put back
+    # on an (N, *size, C) grid, zeros elsewhere, by interior padding.
+    (sh, sw), (h, w) = strides, size
+    _, ho, wo, _ = d.shape
+    zero = jnp.zeros((), d.dtype)
+    return jax.lax.pad(
+        d,
+        zero,
+        (
+            (0, 0, 0),
+            (i, h - i - sh * (ho - 1) - 1, sh - 1),
+            (j, w - j - sw * (wo - 1) - 1, sw - 1),
+            (0, 0, 0),
+        ),
+    )
 
 
 _conv_cpu.defvjp(_conv_cpu_fwd, _conv_cpu_bwd)
@@ -395,24 +409,10 @@ def max_pool(
     return _max_pool(tuple(window_shape), tuple(strides), x)
 
 
-def _pool_taps(window, strides, x):
-    # The window's kh*kw strided views of x, each (N, Ho, Wo, C), row-major.
-    (kh, kw), (sh, sw) = window, strides
-    n, h, w, c = x.shape
-    ho, wo = (h - kh) // sh + 1, (w - kw) // sw + 1
-    return [
-        jax.lax.slice(
-            x, (0, i, j, 0), (n, i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1, c), (1, sh, sw, 1)
-        )
-        for i in range(kh)
-        for j in range(kw)
-    ]
-
-
 def _max_pool_and_index(window, strides, x):
     # The maximum of each window and the position (row-major tap index) of its
     # first maximum; taps later in the window replace it only when greater.
-    taps = _pool_taps(window, strides, x)
+    taps = _window_views(window, strides, x)
     out, index = taps[0], jnp.zeros(taps[0].shape, jnp.int8)
     for k, t in enumerate(taps[1:], start=1):
         index = jnp.where(t > out, jnp.int8(k), index)
@@ -445,17 +445,7 @@ def _max_pool_bwd(window, strides, res, g):
         return (jnp.pad(dx, ((0, 0), (0, h - ho * kh), (0, w - wo * kw), (0, 0))),)
     dx = None
     for k in range(kh * kw):
-        i, j = divmod(k, kw)
-        d = jax.lax.pad(
-            jnp.where(index == k, g, zero),
-            zero,
-            (
-                (0, 0, 0),
-                (i, h - i - sh * (ho - 1) - 1, sh - 1),
-                (j, w - j - sw * (wo - 1) - 1, sw - 1),
-                (0, 0, 0),
-            ),
-        )
+        d = _spread(jnp.where(index == k, g, zero), *divmod(k, kw), strides, (h, w))
         dx = d if dx is None else dx + d
     return (dx,)
 
