@@ -29,6 +29,7 @@ import optax
 from flax import traverse_util
 
 from jft import optim
+from jft.errors import JftError
 
 __all__ = [
     "FROZEN",
@@ -56,7 +57,7 @@ FROZEN = "frozen"
 _MAX_LISTED = 8
 
 
-class PartitionError(ValueError):
+class PartitionError(JftError, ValueError):
     """Rules that do not fit the parameters; the one-line message says which."""
 
 

@@ -1,5 +1,7 @@
 """The one error type of `jft.data`."""
 
+from jft.errors import JftError
 
-class DataError(ValueError):
+
+class DataError(JftError, ValueError):
     """A data set, split, folder or config key that cannot be used; the message is one line."""

@@ -34,6 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jft.errors import JftError
+
 log = logging.getLogger(__name__)
 
 ITEMS = ("state", "data_state", "config", "checksums")
@@ -42,7 +44,7 @@ _CORRUPT_PREFIX = "corrupt_step_"
 _MAX_LISTED = 4
 
 
-class CheckpointError(ValueError):
+class CheckpointError(JftError, ValueError):
     """A checkpoint cannot be restored or written; one line says which and why."""
 
 

@@ -22,13 +22,14 @@ import ml_collections
 import optax
 
 from jft import data, models, optim
+from jft.errors import JftError
 
 __all__ = ["ConfigError", "build_optimizer", "build_rules", "default_config", "resolve"]
 
 _OPEN = ("model", "optimizer", "distributed")
 
 
-class ConfigError(ValueError):
+class ConfigError(JftError, ValueError):
     """A config that cannot run; the one-line message names the key."""
 
 

@@ -30,6 +30,7 @@ import ml_collections
 import numpy as np
 
 from jft import data, weights
+from jft.errors import JftError
 from jft.train import checkpoint as ckpt_lib
 from jft.train import config as config_lib
 from jft.train import distributed, losses, metrics, parallel
@@ -40,7 +41,7 @@ from jft.train.step import TrainState, create_train_state, make_train_step
 __all__ = ["NonFiniteError", "Preempted", "evaluate", "train_and_evaluate"]
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(JftError, RuntimeError):
     """Too many steps in a row had NaN or Inf gradients; the last good checkpoint is kept."""
 
 

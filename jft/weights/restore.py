@@ -12,10 +12,11 @@ import numpy as np
 from flax import traverse_util
 from flax.core import unfreeze
 
+from jft.errors import JftError
 from jft.weights import keymaps
 
 
-class WeightsError(ValueError):
+class WeightsError(JftError, ValueError):
     """A weights file does not fit the model; the message says where and how."""
 
 
