@@ -5,6 +5,13 @@ Run as ``python tests/_mp_worker.py OUT.npz`` with ``JAX_COORDINATOR_ADDRESS``,
 :func:`jft.train.distributed.initialize`, trains the small CNN under ``"jit"``
 over the global mesh, feeding only its own rows of each global batch, and
 process 0 writes the final parameters, BatchNorm statistics and eval sums.
+
+The run uses plain SGD, whose update is linear in the gradient: the only
+difference two layouts may show is the rounding of the cross-device sums,
+carried forward smoothly (see ``TOLERANCE`` in tests/test_multiprocess.py).
+Adam's first steps are ``±lr·sign(g)``, which turns rounding noise in a
+gradient that is zero in exact arithmetic into an lr-sized difference, so a
+comparison under Adam depends on the machine's reduction order.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import numpy as np
 
 GLOBAL_BATCH = 32
 STEPS = 10
+LR = 0.1
 EVAL_ROWS = 40  # padded to 48: the last 8 rows are masked out
 
 
@@ -41,8 +49,21 @@ def eval_batch() -> dict[str, np.ndarray]:
     }
 
 
-def run(parallel: str, mesh=None, process_index: int = 0, process_count: int = 1):
-    """Trains ``STEPS`` steps; returns the host state and the eval sums (global arrays)."""
+def run(
+    parallel: str,
+    mesh=None,
+    process_index: int = 0,
+    process_count: int = 1,
+    *,
+    batches: list[dict[str, np.ndarray]] | None = None,
+    grad_accum_steps: int = 1,
+):
+    """Trains ``STEPS`` steps; returns the host state and the eval sums (global arrays).
+
+    ``batches`` replaces the global batches and ``grad_accum_steps`` splits each
+    into microbatches (BatchNorm statistics then come from a part of the batch):
+    the test's negative controls.
+    """
     import jax
     import optax
 
@@ -54,16 +75,18 @@ def run(parallel: str, mesh=None, process_index: int = 0, process_count: int = 1
     model = jft.models.get("cnn", widths=(8, 16), num_classes=10, dropout_rate=0.0)
     variables = jax.jit(model.init)(jax.random.key(0), np.zeros((2, 8, 8, 1), np.float32))
     variables = jax.tree.map(np.asarray, variables)
-    rules = [(".*", optax.adam(1e-2))]
+    rules = [(".*", optax.sgd(LR))]
     loss = train.losses.get("softmax_xent")
     state = par.place_state(train.create_train_state(variables, rules), parallel, mesh)
-    step = train.make_train_step(model, rules, loss, parallel=parallel, mesh=mesh)
+    step = train.make_train_step(
+        model, rules, loss, parallel=parallel, mesh=mesh, grad_accum_steps=grad_accum_steps
+    )
 
     def local(batch):
         rows = next(iter(batch.values())).shape[0] // process_count
         return {k: v[process_index * rows : (process_index + 1) * rows] for k, v in batch.items()}
 
-    for batch in global_batches():
+    for batch in global_batches() if batches is None else batches:
         state, _ = step(state, par.shard_batch(local(batch), parallel, mesh))
     eval_step = metrics.make_eval_step(model, num_classes=10, parallel=parallel, mesh=mesh)
     sums = eval_step(state, par.shard_batch(local(eval_batch()), parallel, mesh))

@@ -193,6 +193,7 @@ def test_staged_unfreezing_compiles_once_per_stage():
     assert flat(state.frozen) == {}
 
 
+@pytest.mark.devices(8)
 def test_sharded_batch_matches_one_device():
     model = tiny_resnet()
     batch = image_batch(8, 16, 3)

@@ -3,6 +3,12 @@
 The whole loop, not just the step: each process reads its own slice of every
 global batch, jit runs over the 8-device global mesh (gloo collectives), orbax
 saves from both processes, and only process 0 writes metrics.jsonl and plots.
+
+The run is SGD, not the recipe's Adam: the two layouts differ by the rounding
+of their cross-device sums, which SGD carries forward linearly (12 steps of lr
+0.1: < 3e-6 relative to the parameters' scale; tests/test_multiprocess.py
+derives the bound), while Adam's sign-like first steps can turn rounding noise
+into lr-sized differences on one machine and not on another.
 """
 
 from __future__ import annotations
@@ -25,7 +31,10 @@ ARGS = [
     "--config.checkpoint.every=6",
     "--config.progress=False",
     "--config.data.num_workers=2",
+    "--config.optimizer.name=sgd",
+    "--config.optimizer.lr=0.1",
 ]
+TOLERANCE = 1e-5  # relative to max(1, max|param|); see the module docstring
 
 
 def _free_port() -> int:
@@ -91,7 +100,8 @@ def test_two_processes_train_like_one_with_8_devices(tmp_path):
     want, got = ckpt_lib.read_params(one), ckpt_lib.read_params(two)
     assert sorted(want) == sorted(got)
     for k in want:
-        np.testing.assert_allclose(got[k], want[k], atol=1e-5, err_msg=k)
+        scale = max(1.0, float(np.max(np.abs(want[k]))))
+        np.testing.assert_allclose(got[k], want[k], rtol=0, atol=TOLERANCE * scale, err_msg=k)
     steps = [r["step"] for r in read_metrics(two / "metrics.jsonl")]
     assert steps == list(range(1, 13))  # one writer: no step twice
     a, b = read_metrics(one / "metrics.jsonl"), read_metrics(two / "metrics.jsonl")

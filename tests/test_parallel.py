@@ -52,6 +52,7 @@ def test_mask_weights_the_mean_and_unknown_names():
         losses.get("mse", label_smoothing=0.1)
 
 
+@pytest.mark.devices(8)
 @pytest.mark.parametrize("mode", ["none", "jit", "pmap"])
 def test_eval_metrics_on_a_padded_batch_equal_sklearn(mode):
     model = jft.models.get("mlp", widths=(16,), num_classes=7)
@@ -89,6 +90,7 @@ def test_eval_metrics_on_a_padded_batch_equal_sklearn(mode):
     )
 
 
+@pytest.mark.devices(8)
 def test_shard_batch_shapes():
     batch = {"image": np.zeros((16, 3), np.float32), "label": np.arange(16)}
     assert parallel.shard_batch(batch, "pmap")["image"].shape == (8, 2, 3)
