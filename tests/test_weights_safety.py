@@ -1,14 +1,19 @@
 """Pickled code is refused without running; bad files and misfits give one-line errors."""
 
+import io
+import json
 import os
 import pickle
+import struct
 import subprocess
 import sys
+import zipfile
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import safetensors.numpy
 import safetensors.torch
 import torch
 
@@ -188,3 +193,240 @@ def test_head_mismatch_without_skip_is_one_line(resnet_setup):
     _, report = jft.weights.restore(variables, flat, arch="resnet", skip=["head/.*"])
     assert set(report.kept) == {"params/head/kernel", "params/head/bias"}
     del model
+
+
+# Headers that lie: every field is checked against the file before anything is read.
+
+
+def _raw_safetensors(path, header, data=b"\0" * 16):
+    blob = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(blob)) + blob + data)
+    return path
+
+
+@pytest.mark.parametrize(
+    "entry, fragment",
+    [
+        # begin < 0: the "tensor" would be the last 8 bytes of the header
+        ({"dtype": "F32", "shape": [2], "data_offsets": [-8, 0]}, "offsets [-8, 0]"),
+        ({"dtype": "F32", "shape": [2], "data_offsets": [8, 0]}, "offsets [8, 0]"),
+        ({"dtype": "F32", "shape": [2], "data_offsets": [8, 24]}, "truncated"),
+        # 2**32 * 2**32 * 4 bytes wraps to 0 in int64: it must not pass as 0 bytes
+        ({"dtype": "F32", "shape": [2**32, 2**32], "data_offsets": [0, 0]}, "shape [4294967296"),
+        ({"dtype": "F32", "shape": [-1, 2], "data_offsets": [0, 8]}, "shape [-1, 2]"),
+        ({"dtype": "F32", "shape": [-2, -1], "data_offsets": [0, 8]}, "shape [-2, -1]"),
+        ({"dtype": "F32", "shape": [1.5], "data_offsets": [0, 4]}, "shape [1.5]"),
+        ({"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}, "needs 12 bytes"),
+        ({"dtype": "Q7", "shape": [2], "data_offsets": [0, 8]}, "dtype 'Q7'"),
+        ({"dtype": "F32", "shape": [2], "data_offsets": [0]}, "data_offsets"),
+        ({"dtype": "F32", "shape": 2, "data_offsets": [0, 8]}, "shape"),
+        ("oops", "entry"),
+    ],
+)
+def test_safetensors_header_fields_are_checked(tmp_path, entry, fragment):
+    path = _raw_safetensors(tmp_path / "w.safetensors", {"t.weight": entry})
+    msg = _one_line_error(path, fragment)
+    if isinstance(entry, dict):
+        assert "t.weight" in msg
+
+
+def test_safetensors_header_length_is_checked(tmp_path):
+    path = tmp_path / "w.safetensors"
+    path.write_bytes(struct.pack("<Q", 2**63) + b"{}")
+    _one_line_error(path, "header claims")
+    path.write_bytes(struct.pack("<Q", 0) + b"{}")
+    _one_line_error(path, "header")
+
+
+def test_good_raw_safetensors_still_reads(tmp_path):
+    data = np.arange(4, dtype=np.float32).tobytes()
+    header = {
+        "__metadata__": {"format": "pt"},
+        "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+        "b": {"dtype": "F32", "shape": [2, 0], "data_offsets": [8, 8]},
+        "c": {"dtype": "F32", "shape": [], "data_offsets": [8, 12]},
+    }
+    flat = jft.weights.read(_raw_safetensors(tmp_path / "w.safetensors", header, data))
+    np.testing.assert_array_equal(flat["a"], [0, 1])
+    assert flat["b"].shape == (2, 0) and flat["c"].shape == () and flat["c"] == 2
+
+
+def _npz_with_header(path, shape, data=b"\0" * 16):
+    """An npz whose one member's .npy header claims ``shape`` over ``data``."""
+    buf = io.BytesIO()
+    header = {"descr": "<f4", "fortran_order": False, "shape": shape}
+    np.lib.format.write_array_header_1_0(buf, header)
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("w.npy", buf.getvalue() + data)
+    return path
+
+
+@pytest.mark.parametrize("shape", [(2**32, 2**32), (1000, 1000), (3,)])
+def test_npz_header_that_lies_about_the_size(tmp_path, shape):
+    path = _npz_with_header(tmp_path / "w.npz", shape)
+    _one_line_error(path, "'w'", f"shape {shape}")
+
+
+def test_h5_dataset_larger_than_its_storage(tmp_path):
+    import h5py
+
+    path = tmp_path / "w.weights.h5"
+    with h5py.File(path, "w") as f:
+        # declared 4 TB, nothing stored: reading it would allocate 4 TB
+        f.create_dataset("layers/dense/vars/0", shape=(2**20, 2**20), dtype="f4")
+    _one_line_error(path, "layers/dense/vars/0", "stores")
+
+
+def test_h5_links_and_storage_outside_the_file_are_refused(tmp_path):
+    import h5py
+
+    outside = tmp_path / "outside.bin"
+    outside.write_bytes(np.arange(4, dtype=np.float32).tobytes())
+    path = tmp_path / "ext.weights.h5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset(
+            "layers/dense/vars/0", shape=(4,), dtype="<f4", external=[(str(outside), 0, 16)]
+        )
+    _one_line_error(path, "layers/dense/vars/0", "outside")
+
+    other = tmp_path / "other.h5"
+    with h5py.File(other, "w") as f:
+        f["x"] = np.ones(3, np.float32)
+    path = tmp_path / "link.weights.h5"
+    with h5py.File(path, "w") as f:
+        f["layers/dense/vars/0"] = h5py.ExternalLink(str(other), "/x")
+    _one_line_error(path, "layers/dense/vars/0", "outside")
+
+
+def test_h5_layer_names_that_do_not_exist(tmp_path):
+    import h5py
+
+    path = tmp_path / "w.h5"
+    with h5py.File(path, "w") as f:
+        f.attrs["layer_names"] = [b"dense", b"ghost"]
+        f.create_group("dense").attrs["weight_names"] = [b"dense/kernel:0"]
+        f["dense/dense/kernel:0"] = np.ones((2, 2), np.float32)
+    _one_line_error(path, "ghost")
+
+
+def _hf_folder(folder, shard_name):
+    folder.mkdir()
+    safetensors.torch.save_file({"a": torch.ones(2)}, str(folder / "model-1.safetensors"))
+    index = {"weight_map": {"a": "model-1.safetensors", "b": shard_name}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    return folder
+
+
+@pytest.mark.parametrize("shard", ["../../../../etc/hostname", "/etc/hostname", "../w.safetensors"])
+def test_shard_index_cannot_name_a_file_outside_the_folder(tmp_path, shard):
+    safetensors.torch.save_file({"b": torch.ones(2)}, str(tmp_path / "w.safetensors"))
+    folder = _hf_folder(tmp_path / "model", shard)
+    _one_line_error(folder, "outside", shard)
+
+
+def test_symlink_out_of_the_folder_is_refused(tmp_path):
+    target = tmp_path / "elsewhere.safetensors"
+    safetensors.torch.save_file({"a": torch.ones(2)}, str(target))
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "model.safetensors").symlink_to(target)
+    _one_line_error(folder, "outside")
+
+
+def test_hub_cache_snapshot_symlinks_into_blobs_are_read(tmp_path):
+    # huggingface_hub's cache: snapshots/<rev>/model.safetensors -> ../../blobs/<sha>
+    repo = tmp_path / "models--org--name"
+    (repo / "blobs").mkdir(parents=True)
+    snap = repo / "snapshots" / "abc123"
+    snap.mkdir(parents=True)
+    safetensors.torch.save_file({"a": torch.ones(2)}, str(repo / "blobs" / "deadbeef"))
+    (snap / "model.safetensors").symlink_to("../../blobs/deadbeef")
+    assert set(jft.weights.read(snap)) == {"a"}
+
+
+def test_from_pretrained_config_symlink_out_of_the_folder(tmp_path):
+    (tmp_path / "secret.json").write_text('{"model_type": "bert"}')
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").symlink_to(tmp_path / "secret.json")
+    with pytest.raises(WeightsError, match="outside") as e:
+        jft.weights.from_pretrained(folder)
+    assert "\n" not in str(e.value)
+
+
+# Non-finite weights: read() returns them as they are (so `jft inspect` shows the
+# file), restore() and everything built on it refuses them, naming the tensor.
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_restore_refuses_non_finite_weights(resnet_setup, bad):
+    _, variables = resnet_setup
+    flat = _torch_names(variables)
+    flat["layer1.0.conv1.weight"] = flat["layer1.0.conv1.weight"].copy()
+    flat["layer1.0.conv1.weight"].flat[3] = bad
+    with pytest.raises(WeightsError) as e:
+        jft.weights.restore(variables, flat, arch="resnet", source="r18.pth")
+    msg = str(e.value)
+    assert "\n" not in msg and "r18.pth" in msg and "non-finite" in msg
+    assert "layer1.0.conv1.weight" in msg and "params/backbone/layer1_0/conv1/kernel" in msg
+    # A skipped (new) head may hold anything: it is not loaded.
+    flat = _torch_names(variables)
+    flat["fc.weight"] = np.full_like(flat["fc.weight"], np.nan)
+    _, report = jft.weights.restore(variables, flat, arch="resnet", skip=["head/.*"])
+    assert "params/head/kernel" in report.kept
+
+
+def test_read_keeps_non_finite_values_and_from_pretrained_refuses_them(tmp_path):
+    from tests.torch_refs import import_timm
+
+    import_timm()  # first: it makes torchvision (which transformers imports) load
+    import transformers
+
+    cfg = transformers.BertConfig(
+        vocab_size=30,
+        hidden_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=16,
+        max_position_embeddings=16,
+    )
+    torch.manual_seed(0)
+    hf = transformers.BertModel(cfg)
+    folder = tmp_path / "bert"
+    hf.save_pretrained(folder)
+    flat = jft.weights.read(folder)
+    name = next(k for k in flat if k.endswith("attention.self.query.weight"))
+    flat = {k: np.array(v) for k, v in flat.items()}
+    flat[name][0, 0] = np.nan
+    safetensors.numpy.save_file(flat, str(folder / "model.safetensors"))
+    assert np.isnan(jft.weights.read(folder)[name][0, 0])  # read() shows the file as it is
+    with pytest.raises(WeightsError) as e:
+        jft.weights.from_pretrained(folder)
+    msg = str(e.value)
+    assert "\n" not in msg and name in msg and str(folder) in msg and "non-finite" in msg
+
+
+def test_convert_refuses_non_finite_weights(tmp_path):
+    path = tmp_path / "w.npz"
+    np.savez(path, **{"fc.weight": np.array([[np.inf, 0.0]], np.float32)})
+    with pytest.raises(WeightsError, match="non-finite") as e:
+        jft.weights.convert(path, tmp_path / "out", arch="resnet")
+    assert "fc.weight" in str(e.value) and not (tmp_path / "out").exists()
+
+
+def test_convert_checks_the_destination_and_arch_before_reading(tmp_path):
+    src = tmp_path / "w.npz"
+    np.savez(src, **{"fc.weight": np.ones((2, 2), np.float32)})
+    (tmp_path / "file").write_text("x")
+    for dst, fragment in [
+        (tmp_path / "file" / "out", "not a folder"),
+        ("/sys/jft-convert-test", "cannot write"),  # refused even to root
+    ]:
+        with pytest.raises(WeightsError, match=fragment) as e:
+            jft.weights.convert(src, dst, arch="resnet")
+        assert str(dst) in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(WeightsError, match="unknown arch 'nosucharch'; known: bert") as e:
+        jft.weights.convert(src, tmp_path / "out", arch="nosucharch")
+    with pytest.raises(WeightsError, match="unknown arch 'nosucharch'"):
+        jft.weights.restore({"params": {}}, {}, arch="nosucharch")
+    assert sorted(os.listdir(tmp_path)) == ["file", "w.npz"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -14,7 +15,7 @@ from flax import traverse_util
 
 from jft.weights import keymaps
 from jft.weights.readers import read
-from jft.weights.restore import RestoreReport, WeightsError, restore
+from jft.weights.restore import RestoreReport, WeightsError, check_finite, keymap, restore
 
 
 def infer_arch(flat: Mapping[str, np.ndarray]) -> str:
@@ -76,17 +77,21 @@ def convert(
       The :class:`jft.weights.RestoreReport`.
 
     Raises:
-      WeightsError: ``dst`` exists, or the file does not fit (one line).
+      WeightsError: ``dst`` exists or cannot be written (checked before anything
+        is read), ``arch`` is unknown, or the file does not fit or holds NaN/Inf
+        (one line).
     """
     dst = os.path.abspath(os.fspath(dst))
-    if os.path.exists(dst):
-        raise WeightsError(f"{dst}: already exists; jft does not overwrite checkpoints")
+    check_destination(dst)
+    if arch:
+        keymap(arch)  # an unknown arch fails before the file is read
     flat = read(src)
     arch = arch or infer_arch(flat)
     if model is None:
-        mapped, unused = keymaps.get(arch)(flat)
+        mapped, unused = keymap(arch)(flat)
         if not mapped:
             raise WeightsError(f"{os.fspath(src)}: no array fits arch={arch!r}; is arch right?")
+        check_finite(mapped, flat, os.fspath(src))
         variables = traverse_util.unflatten_dict({k: np.asarray(v) for k, v in mapped.items()}, "/")
         report = RestoreReport(tuple(sorted(mapped)), (), tuple(sorted(unused)))
     else:
@@ -96,9 +101,36 @@ def convert(
             model = models.get(model, **dict(model_kwargs or {}))
         x = jnp.zeros((1, 224, 224, 3)) if example_input is None else example_input
         init = jax.jit(model.init)(jax.random.key(0), x)
-        variables, report = restore(init, flat, arch, skip=skip, strict=strict)
+        variables, report = restore(
+            init, flat, arch, skip=skip, strict=strict, source=os.fspath(src)
+        )
     save_checkpoint(dst, variables)
     return report
+
+
+def check_destination(path: str | os.PathLike) -> None:
+    """Raises a WeightsError unless a checkpoint folder can be created at ``path``.
+
+    Checked by creating and removing a file in the nearest existing folder above
+    ``path``, so a read-only file system or a missing permission fails here, at
+    once, instead of inside orbax's writer threads (which wait minutes).
+    """
+    path = os.path.abspath(os.fspath(path))
+    if os.path.exists(path):
+        raise WeightsError(f"{path}: already exists; jft does not overwrite checkpoints")
+    parent = os.path.dirname(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise WeightsError(f"{path}: cannot be created, {parent} is not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".jft-write-test-", dir=parent)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise WeightsError(
+            f"{path}: cannot write in {parent} ({e.strerror or e}); choose a writable destination"
+        ) from None
 
 
 def save_checkpoint(path: str | os.PathLike, variables: Mapping[str, Any]) -> None:
@@ -106,8 +138,7 @@ def save_checkpoint(path: str | os.PathLike, variables: Mapping[str, Any]) -> No
     import orbax.checkpoint as ocp
 
     path = os.path.abspath(os.fspath(path))
-    if os.path.exists(path):
-        raise WeightsError(f"{path}: already exists; jft does not overwrite checkpoints")
+    check_destination(path)
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(path, dict(variables))
         ckptr.wait_until_finished()

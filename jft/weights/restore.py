@@ -64,12 +64,52 @@ def _skipped(path: str, patterns: Sequence[re.Pattern[str]]) -> bool:
     return any(p.fullmatch(bare) or p.fullmatch(path) for p in patterns)
 
 
+def keymap(arch: str) -> keymaps.KeyMap:
+    """The key map of ``arch``; a WeightsError lists the known ones."""
+    try:
+        return keymaps.get(arch)
+    except ValueError as e:
+        raise WeightsError(f"{e} (init.arch, or --arch of jft convert)") from None
+
+
+def _finite(value: Any) -> bool:
+    if not jnp.issubdtype(np.asarray(value).dtype, jnp.inexact):
+        return True
+    return bool(np.isfinite(np.asarray(value)).all())
+
+
+def check_finite(
+    mapped: Mapping[str, Any], flat: Mapping[str, np.ndarray], source: str | None = None
+) -> None:
+    """Raises a WeightsError naming the first array of ``mapped`` that holds NaN or Inf.
+
+    Args:
+      mapped: jft variable path -> array (what would be loaded).
+      flat: the arrays by their names in the file, to name the culprit there too.
+      source: the file or folder, for the message.
+    """
+    bad = next((p for p, v in mapped.items() if not _finite(v)), None)
+    if bad is None:
+        return
+    value = np.asarray(mapped[bad])
+    count = int(np.size(value) - np.isfinite(value).sum())
+    in_file = [k for k, v in flat.items() if not _finite(v)]
+    named = f"tensor {in_file[0]!r} ({bad})" if in_file else f"tensor {bad}"
+    more = f", and {len(in_file) - 1} more tensors" if len(in_file) > 1 else ""
+    raise WeightsError(
+        f"{source or 'the weights'}: {named} holds {count} non-finite values (NaN/Inf){more}; "
+        "the file is damaged: get a good copy, or list the layer in init.skip to keep its init"
+    )
+
+
 def restore(
     variables: Mapping[str, Any],
     flat: Mapping[str, np.ndarray],
     arch: str,
     skip: Sequence[str] = (),
     strict: bool = True,
+    *,
+    source: str | None = None,
 ) -> tuple[dict[str, Any], RestoreReport]:
     """Returns ``variables`` filled from ``flat``, and a report.
 
@@ -81,16 +121,20 @@ def restore(
         keep their init values even when the file has them, whatever the shapes.
       strict: when True, a variable missing from the file is an error; when
         False it keeps its init value and is listed in ``report.kept``.
+      source: the file the arrays came from, named in error messages.
 
     Returns:
       ``(variables, report)``: new variables, same tree and dtypes as the input.
 
     Raises:
       WeightsError: one line naming every shape mismatch (path and both shapes)
-        and, with ``strict``, every missing variable.
+        and, with ``strict``, every missing variable; or naming an array that
+        would be loaded and holds NaN or Inf. (:func:`jft.weights.read` returns
+        such arrays as they are, so that ``jft inspect`` can show the file;
+        restoring is where they are refused.)
     """
     patterns = _compile(skip)
-    mapped, unused = keymaps.get(arch)(flat)
+    mapped, unused = keymap(arch)(flat)
     target = traverse_util.flatten_dict(unfreeze(dict(variables)), sep="/")
 
     if not any(k in mapped for k in target):
@@ -129,6 +173,7 @@ def restore(
         problems.append(f"{len(missing)} variables missing from the file: " + ", ".join(missing))
     if problems:
         raise WeightsError(" | ".join(problems))
+    check_finite({p: mapped[p] for p in loaded}, flat, source)
     kept += missing
     report = RestoreReport(tuple(loaded), tuple(kept), tuple(sorted(unused)))
     return traverse_util.unflatten_dict(out, sep="/"), report
