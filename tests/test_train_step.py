@@ -290,3 +290,29 @@ def test_step_without_norms_makes_the_same_update():
     assert not {"grad_norm", "update_norm", "param_norm"} & set(m2)
     assert float(m1["update_norm"]) > 0 and float(m1["loss"]) == float(m2["loss"])
     assert max_diff(with_norms.trainable, without.trainable) == 0
+
+
+def test_step_reads_text_inputs_and_hf_labels_off_the_batch():
+    # No `inputs=`: a text batch's input_ids/attention_mask reach the model as
+    # keywords, and Hugging Face's "labels" key is the target (a new user's path).
+    model = jft.models.get(
+        "bert", num_classes=2, vocab_size=50, hidden_size=16, num_layers=1, num_heads=2,
+        intermediate_size=32, max_position_embeddings=16, dropout_rate=0.0,
+        attention_dropout_rate=0.0,
+    )  # fmt: skip
+    rng = np.random.default_rng(0)
+    batch = {
+        "input_ids": rng.integers(0, 50, (8, 6)).astype(np.int32),
+        "attention_mask": np.ones((8, 6), np.int32),
+        "labels": rng.integers(0, 2, 8).astype(np.int32),
+    }
+    variables = jax.jit(model.init)(jax.random.key(0), batch["input_ids"])
+    rules = [(".*", optax.sgd(0.1))]
+    step = train.make_train_step(model, rules, losses.get("softmax_xent"), donate=False)
+    state = train.create_train_state(variables, rules)
+    _, metrics = step(state, batch)
+    logits = model.apply(variables, batch["input_ids"], batch["attention_mask"])
+    want = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"]).mean()
+    assert np.isclose(float(metrics["loss"]), float(want), rtol=1e-5)
+    with pytest.raises(KeyError, match="no labels"):
+        step(state, {k: v for k, v in batch.items() if k != "labels"})

@@ -14,6 +14,9 @@ the eval step sums.
   ``(B, C)``; label smoothing moves targets to ``(1 - α) y + α / 2``.
 - ``mse``: ``optax.squared_error`` averaged over the outputs, the targets in
   ``batch["label"]`` (cast to float, shaped like the outputs).
+
+Every loss reads its targets from ``batch["label"]``, or ``batch["labels"]`` as
+Hugging Face names them (:func:`jft.train.inputs.labels`).
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
+
+from jft.train.inputs import labels as batch_labels
 
 __all__ = ["Loss", "get", "mse", "names", "sigmoid_xent", "softmax_xent"]
 
@@ -67,7 +72,7 @@ def softmax_xent(*, label_smoothing: float = 0.0) -> Loss:
 
     def per_example(logits, batch):
         logits = _float_logits(logits)
-        labels = batch["label"]
+        labels = batch_labels(batch)
         if labels.ndim == logits.ndim - 1 and jnp.issubdtype(labels.dtype, jnp.integer):
             if not label_smoothing:
                 return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
@@ -89,7 +94,7 @@ def sigmoid_xent(*, label_smoothing: float = 0.0) -> Loss:
 
     def per_example(logits, batch):
         logits = _float_logits(logits)
-        labels = batch["label"]
+        labels = batch_labels(batch)
         if logits.ndim == 1:
             logits = logits[:, None]
         if labels.ndim == 1:
@@ -111,7 +116,7 @@ def mse() -> Loss:
 
     def per_example(outputs, batch):
         outputs = _float_logits(outputs)
-        targets = jnp.asarray(batch["label"], jnp.float32).reshape(outputs.shape)
+        targets = jnp.asarray(batch_labels(batch), jnp.float32).reshape(outputs.shape)
         losses = optax.squared_error(outputs, targets)
         return jnp.mean(losses.reshape(losses.shape[0], -1), axis=-1)
 

@@ -27,6 +27,7 @@ from jax.sharding import Mesh
 from jft.train import losses as losses_lib
 from jft.train import parallel as parallel_lib
 from jft.train._jit import OptionsJit
+from jft.train.inputs import labels as batch_labels
 from jft.train.inputs import model_args
 from jft.train.parallel import AXIS
 
@@ -52,7 +53,7 @@ def make_eval_step(
     model: nn.Module,
     *,
     num_classes: int,
-    inputs: str | Callable[[Batch], Any] = "image",
+    inputs: str | Callable[[Batch], Any] | None = None,
     loss_fn: losses_lib.Loss | Callable[[Any, Batch], jax.Array] | None = None,
     parallel: str = "none",
     mesh: Mesh | None = None,
@@ -115,7 +116,7 @@ def make_eval_step(
             loss = loss_fn(logits, batch) * count
         sums = {"count": count, "loss": loss}
         if num_classes:
-            pred, true = _classes(logits, batch["label"])
+            pred, true = _classes(logits, batch_labels(batch))
             for k in ks:
                 if k == 1:
                     hit = pred == true

@@ -189,7 +189,7 @@ def make_train_step(
     rules: partition.Rules,
     loss_fn: LossFn,
     *,
-    inputs: str | Callable[[Batch], Any] = "image",
+    inputs: str | Callable[[Batch], Any] | None = None,
     freeze_bn: bool = True,
     learning_rate: optax.ScalarOrSchedule | None = None,
     parallel: str = "none",
@@ -239,7 +239,10 @@ def make_train_step(
         :func:`jft.train.losses.get`).
       inputs: the batch key of the model's single input, or ``batch -> args``
         returning a value, a tuple of positional arguments, or a dict of keyword
-        arguments.
+        arguments; by default read off the batch's keys (a text model's
+        ``input_ids``, ``attention_mask``, ``token_type_ids``, else ``image``;
+        :func:`jft.train.inputs.model_args`). Targets are ``batch["label"]`` or
+        Hugging Face's ``batch["labels"]``.
       freeze_bn: if on (Keras's convention), BatchNorm layers whose scale and
         bias are frozen use their running statistics and do not update them; the
         model must have a ``frozen_bn`` attribute. If off (PyTorch's), they
