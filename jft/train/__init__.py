@@ -6,6 +6,7 @@ from jft.train.config import ConfigError, default_config
 from jft.train.export import export
 from jft.train.inputs import inputs_for, model_args
 from jft.train.loop import NonFiniteError, evaluate, train_and_evaluate
+from jft.train.metrics import make_eval_step
 from jft.train.parallel import host_state, make_mesh, place_state, shard_batch
 from jft.train.step import (
     StagedTrainStep,
@@ -34,6 +35,7 @@ __all__ = [
     "inputs_for",
     "losses",
     "make_staged_train_step",
+    "make_eval_step",
     "make_mesh",
     "make_train_step",
     "metrics",
