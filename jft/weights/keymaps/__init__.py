@@ -1,4 +1,4 @@
-"""Per-architecture key maps: source checkpoint names -> jft variable paths.
+"""Per-architecture key maps: source checkpoint names <-> jft variable paths.
 
 A key map is a function ``convert(flat) -> (mapped, unused)``:
 
@@ -12,6 +12,11 @@ A key map is a function ``convert(flat) -> (mapped, unused)``:
 A key map may accept several source layouts (torchvision/timm, Hugging Face,
 Keras) and detect which one ``flat`` is in. It never raises for an unknown key:
 it reports it in ``unused``, and :func:`jft.weights.restore` decides.
+
+Its inverse, ``export(mapped, layout) -> (flat, unused)``, writes jft variables
+back under a source layout's names (``"hf"``, ``"timm"``, ``"torchvision"``,
+``"keras"``), in that layout's tensor shapes. Both directions read one table per
+architecture (:mod:`jft.weights.keymaps._table`), so they cannot drift.
 """
 
 from __future__ import annotations
@@ -21,7 +26,9 @@ from collections.abc import Callable, Mapping
 import numpy as np
 
 KeyMap = Callable[[Mapping[str, np.ndarray]], tuple[dict[str, np.ndarray], list[str]]]
+Inverse = Callable[[Mapping[str, np.ndarray], str], tuple[dict[str, np.ndarray], list[str]]]
 _KEYMAPS: dict[str, KeyMap] = {}
+_INVERSES: dict[str, tuple[Inverse, tuple[str, ...]]] = {}
 
 
 def register(arch: str) -> Callable[[KeyMap], KeyMap]:
@@ -39,6 +46,28 @@ def get(arch: str) -> KeyMap:
     if arch not in _KEYMAPS:
         raise ValueError(f"unknown arch {arch!r}; known: {', '.join(sorted(_KEYMAPS))}")
     return _KEYMAPS[arch]
+
+
+def register_inverse(arch: str, layouts: tuple[str, ...]) -> Callable[[Inverse], Inverse]:
+    """Registers the export direction of ``arch``'s key map and the layouts it writes."""
+
+    def wrap(fn: Inverse) -> Inverse:
+        _INVERSES[arch] = (fn, tuple(layouts))
+        return fn
+
+    return wrap
+
+
+def inverse(arch: str) -> Inverse:
+    """The export direction of ``arch``'s key map; a ``ValueError`` lists the known ones."""
+    if arch not in _INVERSES:
+        raise ValueError(f"no export for arch {arch!r}; known: {', '.join(sorted(_INVERSES))}")
+    return _INVERSES[arch][0]
+
+
+def layouts(arch: str) -> tuple[str, ...]:
+    """The source layouts ``arch`` exports to (empty: none)."""
+    return _INVERSES.get(arch, (None, ()))[1]
 
 
 def names() -> list[str]:

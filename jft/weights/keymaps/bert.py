@@ -1,38 +1,44 @@
-"""Key map ``bert``: Hugging Face BERT names -> :class:`jft.models.bert.Bert` paths.
+"""Key map ``bert``: Hugging Face BERT names <-> :class:`jft.models.bert.Bert` paths.
 
 Accepts ``BertModel`` names (``embeddings.word_embeddings.weight``,
 ``encoder.layer.0.attention.self.query.weight``, ``pooler.dense.weight``), as
 sentence-transformers folders store them, and ``BertFor*`` names, which add a
 prefix (``bert.``) and a top-level ``classifier`` (mapped to ``head/``). Old
 TF-converted checkpoints that name LayerNorm parameters ``gamma``/``beta`` work too.
+
+Export (layout ``"hf"``) writes ``BertModel`` names, or, when the variables hold a
+``head/``, ``BertForSequenceClassification`` names (``bert.`` prefix, ``classifier``).
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 
 import numpy as np
 
-from jft.weights.keymaps import register
+from jft.weights.keymaps import register, register_inverse
+from jft.weights.keymaps._table import EMBED, LINEAR, NORM, Rule, Table
 
 _ANCHOR = "embeddings.word_embeddings.weight"
-_LAYER = re.compile(r"encoder\.layer\.(\d+)\.(.+)")
-_LAYER_MODULES = {
-    "attention.self.query": "attention/query",
-    "attention.self.key": "attention/key",
-    "attention.self.value": "attention/value",
-    "attention.output.dense": "attention/output",
-    "attention.output.LayerNorm": "attention_layer_norm",
-    "intermediate.dense": "intermediate",
-    "output.dense": "output",
-    "output.LayerNorm": "output_layer_norm",
-}
-_TOP_MODULES = {
-    "embeddings.LayerNorm": "backbone/embeddings/layer_norm",
-    "pooler.dense": "backbone/pooler",
-}
-_EMBEDDINGS = ("word_embeddings", "position_embeddings", "token_type_embeddings")
+_LAYER = "encoder.layer.{i}"
+_JFT_LAYER = "backbone/encoder/layer_{i}"
+RULES = (
+    Rule("embeddings.word_embeddings", "backbone/embeddings/word_embeddings", EMBED),
+    Rule("embeddings.position_embeddings", "backbone/embeddings/position_embeddings", EMBED),
+    Rule("embeddings.token_type_embeddings", "backbone/embeddings/token_type_embeddings", EMBED),
+    Rule("embeddings.LayerNorm", "backbone/embeddings/layer_norm", NORM),
+    Rule(f"{_LAYER}.attention.self.query", f"{_JFT_LAYER}/attention/query", LINEAR),
+    Rule(f"{_LAYER}.attention.self.key", f"{_JFT_LAYER}/attention/key", LINEAR),
+    Rule(f"{_LAYER}.attention.self.value", f"{_JFT_LAYER}/attention/value", LINEAR),
+    Rule(f"{_LAYER}.attention.output.dense", f"{_JFT_LAYER}/attention/output", LINEAR),
+    Rule(f"{_LAYER}.attention.output.LayerNorm", f"{_JFT_LAYER}/attention_layer_norm", NORM),
+    Rule(f"{_LAYER}.intermediate.dense", f"{_JFT_LAYER}/intermediate", LINEAR),
+    Rule(f"{_LAYER}.output.dense", f"{_JFT_LAYER}/output", LINEAR),
+    Rule(f"{_LAYER}.output.LayerNorm", f"{_JFT_LAYER}/output_layer_norm", NORM),
+    Rule("pooler.dense", "backbone/pooler", LINEAR),
+    Rule("classifier", "head", LINEAR, top=True),  # BertForSequenceClassification's head
+)
+HEAD_PREFIX = "bert."  # the BertFor* classes keep the encoder under this prefix
 
 
 def find_prefix(flat: Mapping[str, np.ndarray], anchor: str) -> str | None:
@@ -43,55 +49,21 @@ def find_prefix(flat: Mapping[str, np.ndarray], anchor: str) -> str | None:
     return None
 
 
-def linear_or_norm(param: str, value: np.ndarray) -> tuple[str, np.ndarray] | None:
-    """A PyTorch Linear/LayerNorm parameter -> its Flax name and layout, or None.
-
-    A 2-D ``weight`` is a Linear kernel, transposed (out, in) -> (in, out); a 1-D
-    ``weight`` (or ``gamma``) is a LayerNorm ``scale``; ``bias`` (or ``beta``) stays.
-    """
-    if param in ("weight", "gamma"):
-        return ("kernel", value.T) if value.ndim == 2 else ("scale", value)
-    if param in ("bias", "beta"):
-        return "bias", value
-    return None
-
-
-def _map_module(module: str, param: str, value: np.ndarray, table: Mapping[str, str]):
-    if module not in table:
-        return None
-    leaf = linear_or_norm(param, value)
-    if leaf is None:
-        return None
-    return f"params/{table[module]}/{leaf[0]}", leaf[1]
-
-
 @register("bert")
 def convert(flat: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], list[str]]:
     """Maps Hugging Face BERT names to ``params/backbone/...`` and ``params/head/...``."""
     prefix = find_prefix(flat, _ANCHOR)
     if prefix is None:
         return {}, list(flat)
-    mapped: dict[str, np.ndarray] = {}
-    unused: list[str] = []
-    for name, value in flat.items():
-        value = np.asarray(value)
-        out = None
-        if name.startswith("classifier."):  # BertForSequenceClassification's head: no prefix
-            out = _map_module("classifier", name.split(".", 1)[1], value, {"classifier": "head"})
-        elif name.startswith(prefix):
-            rest = name[len(prefix) :]
-            module, _, param = rest.rpartition(".")
-            if m := _LAYER.fullmatch(module):
-                i, sub = m.groups()
-                table = {k: f"backbone/encoder/layer_{i}/{v}" for k, v in _LAYER_MODULES.items()}
-                out = _map_module(sub, param, value, table)
-            elif module.startswith("embeddings.") and module[len("embeddings.") :] in _EMBEDDINGS:
-                if param == "weight":
-                    out = f"params/backbone/{module.replace('.', '/')}/embedding", value
-            else:
-                out = _map_module(module, param, value, _TOP_MODULES)
-        if out is None:
-            unused.append(name)
-        else:
-            mapped[out[0]] = out[1]
-    return mapped, unused
+    return Table(RULES, prefix=prefix).forward(flat)
+
+
+@register_inverse("bert", layouts=("hf",))
+def export(
+    mapped: Mapping[str, np.ndarray], layout: str = "hf"
+) -> tuple[dict[str, np.ndarray], list[str]]:
+    """jft BERT variables -> ``BertModel`` names (``BertForSequenceClassification`` with a head)."""
+    if layout != "hf":
+        raise ValueError(f"bert exports to layout 'hf', not {layout!r}")
+    has_head = any(p.startswith("params/head/") for p in mapped)
+    return Table(RULES, prefix=HEAD_PREFIX if has_head else "").inverse(mapped)

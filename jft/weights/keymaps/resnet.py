@@ -1,4 +1,4 @@
-"""``resnet`` key map: torchvision/timm and Hugging Face ResNet names -> jft paths.
+"""``resnet`` key map: torchvision/timm and Hugging Face ResNet names <-> jft paths.
 
 Accepted layouts (detected from the names):
 
@@ -12,92 +12,65 @@ Accepted layouts (detected from the names):
 
 BatchNorm ``weight``/``bias`` go to ``params/.../scale|bias``, ``running_mean`` /
 ``running_var`` to ``batch_stats/.../mean|var``; ``num_batches_tracked`` (a step
-counter Flax does not keep) is dropped silently.
+counter Flax does not keep) is dropped silently on import and written as 0 on
+export, so ``load_state_dict`` takes the file strictly.
+
+Export layouts: ``"torchvision"`` and ``"timm"`` (the same names) and ``"hf"``
+(``ResNetModel``, or ``ResNetForImageClassification`` with a head).
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 
 import numpy as np
 
-from jft.weights.keymaps import register
-from jft.weights.keymaps._common import conv_kernel, dense_kernel
+from jft.weights.keymaps import register, register_inverse
+from jft.weights.keymaps._table import BATCH_NORM, CONV_NO_BIAS, LINEAR, Rule, Table
 
-_BN = {
-    "weight": ("params", "scale"),
-    "bias": ("params", "bias"),
-    "running_mean": ("batch_stats", "mean"),
-    "running_var": ("batch_stats", "var"),
-}
-
-_TV_MODULE = [
-    (re.compile(r"(conv1|bn1)"), r"backbone/\1"),
-    (re.compile(r"layer(\d+)\.(\d+)\.(conv\d|bn\d)"), r"backbone/layer\1_\2/\3"),
-    (re.compile(r"layer(\d+)\.(\d+)\.downsample\.0"), r"backbone/layer\1_\2/downsample_conv"),
-    (re.compile(r"layer(\d+)\.(\d+)\.downsample\.1"), r"backbone/layer\1_\2/downsample_bn"),
-    (re.compile(r"fc"), "head"),
-]
-
-
-def _hf_module(name: str) -> str | None:
-    if name.startswith("embedder.embedder.convolution"):
-        return "backbone/conv1"
-    if name.startswith("embedder.embedder.normalization"):
-        return "backbone/bn1"
-    if name == "classifier.1":
-        return "head"
-    m = re.fullmatch(r"encoder\.stages\.(\d+)\.layers\.(\d+)\.(.*)", name)
-    if not m:
-        return None
-    block = f"backbone/layer{int(m[1]) + 1}_{m[2]}"
-    rest = m[3]
-    k = re.fullmatch(r"layer\.(\d+)\.(convolution|normalization)", rest)
-    if k:
-        kind = "conv" if k[2] == "convolution" else "bn"
-        return f"{block}/{kind}{int(k[1]) + 1}"
-    k = re.fullmatch(r"shortcut\.(convolution|normalization)", rest)
-    if k:
-        return f"{block}/downsample_{'conv' if k[1] == 'convolution' else 'bn'}"
-    return None
-
-
-def _tv_module(name: str) -> str | None:
-    for pattern, repl in _TV_MODULE:
-        if pattern.fullmatch(name):
-            return pattern.sub(repl, name)
-    return None
+_B = "backbone/layer{s}_{b}"
+TORCH_RULES = (
+    Rule("conv1", "backbone/conv1", CONV_NO_BIAS),
+    Rule("bn1", "backbone/bn1", BATCH_NORM),
+    Rule("layer{s}.{b}.conv{k}", f"{_B}/conv{{k}}", CONV_NO_BIAS),
+    Rule("layer{s}.{b}.bn{k}", f"{_B}/bn{{k}}", BATCH_NORM),
+    Rule("layer{s}.{b}.downsample.0", f"{_B}/downsample_conv", CONV_NO_BIAS),
+    Rule("layer{s}.{b}.downsample.1", f"{_B}/downsample_bn", BATCH_NORM),
+    Rule("fc", "head", LINEAR),
+)
+_HF_B = "encoder.stages.{s-1}.layers.{b}"
+HF_RULES = (
+    Rule("embedder.embedder.convolution", "backbone/conv1", CONV_NO_BIAS),
+    Rule("embedder.embedder.normalization", "backbone/bn1", BATCH_NORM),
+    Rule(f"{_HF_B}.layer.{{k-1}}.convolution", f"{_B}/conv{{k}}", CONV_NO_BIAS),
+    Rule(f"{_HF_B}.layer.{{k-1}}.normalization", f"{_B}/bn{{k}}", BATCH_NORM),
+    Rule(f"{_HF_B}.shortcut.convolution", f"{_B}/downsample_conv", CONV_NO_BIAS),
+    Rule(f"{_HF_B}.shortcut.normalization", f"{_B}/downsample_bn", BATCH_NORM),
+    Rule("classifier.1", "head", LINEAR, top=True),
+)
+HEAD_PREFIX = "resnet."  # ResNetForImageClassification keeps the trunk under this prefix
 
 
 @register("resnet")
 def convert(flat: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], list[str]]:
     """Maps torchvision/timm or Hugging Face ResNet names to jft variable paths."""
-    hf = any(k.split(".", 1)[-1].startswith("embedder.") or k.startswith("embedder.") for k in flat)
-    mapped: dict[str, np.ndarray] = {}
-    unused: list[str] = []
-    for key, value in flat.items():
-        module, _, leaf = key.rpartition(".")
-        if leaf == "num_batches_tracked":
-            continue
-        if hf:
-            module = module.removeprefix("resnet.")
-            path = _hf_module(module)
-        else:
-            path = _tv_module(module)
-        if path is None:
-            unused.append(key)
-            continue
-        is_bn = path.rsplit("/", 1)[-1].startswith(("bn", "downsample_bn"))
-        if is_bn and leaf in _BN:
-            collection, name = _BN[leaf]
-            mapped[f"{collection}/{path}/{name}"] = value
-        elif leaf == "weight" and value.ndim == 4:
-            mapped[f"params/{path}/kernel"] = conv_kernel(value)
-        elif leaf == "weight" and value.ndim == 2:
-            mapped[f"params/{path}/kernel"] = dense_kernel(value)
-        elif leaf == "bias":
-            mapped[f"params/{path}/bias"] = value
-        else:
-            unused.append(key)
-    return mapped, unused
+    hf = [
+        k for k in flat if k.split(".", 1)[-1].startswith("embedder.") or k.startswith("embedder.")
+    ]
+    if hf:
+        prefix = HEAD_PREFIX if hf[0].startswith(HEAD_PREFIX) else ""
+        return Table(HF_RULES, prefix=prefix).forward(flat)
+    return Table(TORCH_RULES).forward(flat)
+
+
+@register_inverse("resnet", layouts=("torchvision", "timm", "hf"))
+def export(
+    mapped: Mapping[str, np.ndarray], layout: str
+) -> tuple[dict[str, np.ndarray], list[str]]:
+    """jft ResNet variables -> torchvision/timm names, or HF ``ResNet*`` names (``layout="hf"``)."""
+    if layout in ("torchvision", "timm"):
+        return Table(TORCH_RULES).inverse(mapped)
+    if layout != "hf":
+        raise ValueError(f"resnet exports to layouts torchvision, timm and hf, not {layout!r}")
+    has_head = any(p.startswith("params/head/") for p in mapped)
+    return Table(HF_RULES, prefix=HEAD_PREFIX if has_head else "").inverse(mapped)

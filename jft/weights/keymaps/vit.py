@@ -1,4 +1,4 @@
-"""Key map ``vit``: timm ``vit_*`` and Hugging Face ``ViTModel`` names -> jft ``ViT`` paths.
+"""Key map ``vit``: timm ``vit_*`` and Hugging Face ``ViTModel`` names <-> jft ``ViT`` paths.
 
 timm: ``patch_embed.proj``, ``cls_token``, ``pos_embed``, ``blocks.N.norm1``,
 ``blocks.N.attn.qkv`` (fused: split into query/key/value), ``blocks.N.attn.proj``,
@@ -13,52 +13,72 @@ top-level ``classifier``): ``embeddings.patch_embeddings.projection``,
 names (``layers.N.attention.q_proj``, ``layers.N.mlp.fc1``...). HF's ``pooler`` has no
 counterpart (the head reads the class token, as timm's) and is reported unused.
 
+Export writes layout ``"timm"`` (fused ``qkv``) or ``"hf"`` (``ViTModel`` names, or
+``ViTForImageClassification``'s with a head); both from the tables below.
+
 A file saved for another image size has another position grid: :func:`fit_pos_embed`
 resamples it to the model's before :func:`jft.weights.restore`.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
-from jft.weights.keymaps import register
-from jft.weights.keymaps.bert import find_prefix, linear_or_norm
+from jft.weights.keymaps import register, register_inverse
+from jft.weights.keymaps._table import CONV, LINEAR, NORM, TENSOR, Rule, Table
+from jft.weights.keymaps.bert import find_prefix
 
 _TIMM_ANCHOR = "patch_embed.proj.weight"
 _HF_ANCHOR = "embeddings.patch_embeddings.projection.weight"
-_TIMM_LAYER = {
-    "norm1": "norm1",
-    "attn.proj": "attention/output",
-    "norm2": "norm2",
-    "mlp.fc1": "mlp/fc1",
-    "mlp.fc2": "mlp/fc2",
-}
-_HF_LAYER = {
-    "layernorm_before": "norm1",
-    "attention.attention.query": "attention/query",
-    "attention.attention.key": "attention/key",
-    "attention.attention.value": "attention/value",
-    "attention.output.dense": "attention/output",
-    "layernorm_after": "norm2",
-    "intermediate.dense": "mlp/fc1",
-    "output.dense": "mlp/fc2",
-    # transformers >= 5 in memory (its state_dict); its save_pretrained writes the names above
-    "attention.q_proj": "attention/query",
-    "attention.k_proj": "attention/key",
-    "attention.v_proj": "attention/value",
-    "attention.o_proj": "attention/output",
-    "mlp.fc1": "mlp/fc1",
-    "mlp.fc2": "mlp/fc2",
-}
-_POS = "params/backbone/embeddings/pos_embed"
-
-
-def _conv(value: np.ndarray) -> np.ndarray:
-    return np.transpose(value, (2, 3, 1, 0))  # OIHW -> HWIO
+_L = "backbone/encoder/layer_{i}"
+_EMB = "backbone/embeddings"
+TIMM_RULES = (
+    Rule("cls_token", f"{_EMB}/cls_token", TENSOR),
+    Rule("pos_embed", f"{_EMB}/pos_embed", TENSOR),
+    Rule("patch_embed.proj", f"{_EMB}/patch_embed", CONV),
+    Rule("blocks.{i}.norm1", f"{_L}/norm1", NORM),
+    Rule(  # fused (3D, D): rows are q, then k, then v
+        "blocks.{i}.attn.qkv",
+        (f"{_L}/attention/query", f"{_L}/attention/key", f"{_L}/attention/value"),
+        LINEAR,
+    ),
+    Rule("blocks.{i}.attn.proj", f"{_L}/attention/output", LINEAR),
+    Rule("blocks.{i}.norm2", f"{_L}/norm2", NORM),
+    Rule("blocks.{i}.mlp.fc1", f"{_L}/mlp/fc1", LINEAR),
+    Rule("blocks.{i}.mlp.fc2", f"{_L}/mlp/fc2", LINEAR),
+    Rule("norm", "backbone/ln_final", NORM),
+    Rule("head", "head", LINEAR),
+)
+_HF_L = "encoder.layer.{i}"
+_HF5_L = "layers.{i}"  # transformers >= 5 in memory (its state_dict); import only
+HF_RULES = (
+    Rule("embeddings.cls_token", f"{_EMB}/cls_token", TENSOR),
+    Rule("embeddings.position_embeddings", f"{_EMB}/pos_embed", TENSOR),
+    Rule("embeddings.patch_embeddings.projection", f"{_EMB}/patch_embed", CONV),
+    Rule(f"{_HF_L}.layernorm_before", f"{_L}/norm1", NORM),
+    Rule(f"{_HF_L}.attention.attention.query", f"{_L}/attention/query", LINEAR),
+    Rule(f"{_HF_L}.attention.attention.key", f"{_L}/attention/key", LINEAR),
+    Rule(f"{_HF_L}.attention.attention.value", f"{_L}/attention/value", LINEAR),
+    Rule(f"{_HF_L}.attention.output.dense", f"{_L}/attention/output", LINEAR),
+    Rule(f"{_HF_L}.layernorm_after", f"{_L}/norm2", NORM),
+    Rule(f"{_HF_L}.intermediate.dense", f"{_L}/mlp/fc1", LINEAR),
+    Rule(f"{_HF_L}.output.dense", f"{_L}/mlp/fc2", LINEAR),
+    Rule("layernorm", "backbone/ln_final", NORM),
+    Rule("classifier", "head", LINEAR, top=True),
+    Rule(f"{_HF5_L}.layernorm_before", f"{_L}/norm1", NORM, alias=True),
+    Rule(f"{_HF5_L}.attention.q_proj", f"{_L}/attention/query", LINEAR, alias=True),
+    Rule(f"{_HF5_L}.attention.k_proj", f"{_L}/attention/key", LINEAR, alias=True),
+    Rule(f"{_HF5_L}.attention.v_proj", f"{_L}/attention/value", LINEAR, alias=True),
+    Rule(f"{_HF5_L}.attention.o_proj", f"{_L}/attention/output", LINEAR, alias=True),
+    Rule(f"{_HF5_L}.layernorm_after", f"{_L}/norm2", NORM, alias=True),
+    Rule(f"{_HF5_L}.mlp.fc1", f"{_L}/mlp/fc1", LINEAR, alias=True),
+    Rule(f"{_HF5_L}.mlp.fc2", f"{_L}/mlp/fc2", LINEAR, alias=True),
+)
+HEAD_PREFIX = "vit."  # ViTForImageClassification keeps the encoder under this prefix
+_RULES = {"timm": TIMM_RULES, "hf": HF_RULES}
 
 
 def _layout(flat: Mapping[str, np.ndarray]) -> tuple[str, str] | None:
@@ -69,53 +89,6 @@ def _layout(flat: Mapping[str, np.ndarray]) -> tuple[str, str] | None:
     return None
 
 
-def _map(layout: str, rest: str, value: np.ndarray) -> dict[str, np.ndarray] | None:
-    """One source name (without prefix) -> {jft path: array}, or None if unknown."""
-    enc = "params/backbone/encoder"
-    if layout == "timm":
-        singles = {"cls_token": "embeddings/cls_token", "pos_embed": "embeddings/pos_embed"}
-        conv, final, layer_re, table = (
-            "patch_embed.proj",
-            "norm",
-            r"blocks\.(\d+)\.(.+)",
-            _TIMM_LAYER,
-        )
-    else:
-        singles = {
-            "embeddings.cls_token": "embeddings/cls_token",
-            "embeddings.position_embeddings": "embeddings/pos_embed",
-        }
-        conv, final = "embeddings.patch_embeddings.projection", "layernorm"
-        layer_re, table = r"(?:encoder\.layer|layers)\.(\d+)\.(.+)", _HF_LAYER
-    if rest in singles:
-        return {f"params/backbone/{singles[rest]}": value}
-    module, _, param = rest.rpartition(".")
-    if module == conv:
-        if param == "weight":
-            return {"params/backbone/embeddings/patch_embed/kernel": _conv(value)}
-        return {"params/backbone/embeddings/patch_embed/bias": value} if param == "bias" else None
-    if module == final:
-        target = "params/backbone/ln_final"
-    elif m := re.fullmatch(layer_re, module):
-        i, sub = m.groups()
-        if layout == "timm" and sub == "attn.qkv":  # fused (3D, D): rows are q, then k, then v
-            if param not in ("weight", "bias"):
-                return None
-            parts = np.split(value, 3, axis=0)
-            leaf = "kernel" if param == "weight" else "bias"
-            return {
-                f"{enc}/layer_{i}/attention/{n}/{leaf}": (p.T if leaf == "kernel" else p)
-                for n, p in zip(("query", "key", "value"), parts, strict=True)
-            }
-        if sub not in table:
-            return None
-        target = f"{enc}/layer_{i}/{table[sub]}"
-    else:
-        return None
-    leaf = linear_or_norm(param, value)
-    return None if leaf is None else {f"{target}/{leaf[0]}": leaf[1]}
-
-
 @register("vit")
 def convert(flat: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], list[str]]:
     """Maps timm or Hugging Face ViT names (detected) to ``params/backbone|head/...``."""
@@ -123,22 +96,19 @@ def convert(flat: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], list
     if found is None:
         return {}, list(flat)
     layout, prefix = found
-    head = "head." if layout == "timm" else "classifier."
-    mapped: dict[str, np.ndarray] = {}
-    unused: list[str] = []
-    for name, value in flat.items():
-        value = np.asarray(value)
-        out = None
-        if name.startswith(prefix + head) or (layout == "hf" and name.startswith(head)):
-            leaf = linear_or_norm(name.rsplit(".", 1)[1], value)
-            out = None if leaf is None else {f"params/head/{leaf[0]}": leaf[1]}
-        elif name.startswith(prefix):
-            out = _map(layout, name[len(prefix) :], value)
-        if out is None:
-            unused.append(name)
-        else:
-            mapped.update(out)
-    return mapped, unused
+    return Table(_RULES[layout], prefix=prefix).forward(flat)
+
+
+@register_inverse("vit", layouts=("hf", "timm"))
+def export(
+    mapped: Mapping[str, np.ndarray], layout: str
+) -> tuple[dict[str, np.ndarray], list[str]]:
+    """jft ViT variables -> timm names, or HF ``ViTModel`` / ``ViTForImageClassification`` names."""
+    if layout not in _RULES:
+        raise ValueError(f"vit exports to layouts 'hf' and 'timm', not {layout!r}")
+    has_head = any(p.startswith("params/head/") for p in mapped)
+    prefix = HEAD_PREFIX if layout == "hf" and has_head else ""
+    return Table(_RULES[layout], prefix=prefix).inverse(mapped)
 
 
 def fit_pos_embed(
