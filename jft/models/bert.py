@@ -19,7 +19,6 @@ holding ``last_hidden_state`` ``(B, T, H)`` and ``pooled`` ``(B, H)``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -27,6 +26,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from jft.models.layers import activation
 from jft.models.registry import register
 
 Dtype = Any
@@ -109,20 +109,8 @@ class SelfAttention(nn.Module):
         return nn.Dense(d, dtype=self.dtype, kernel_init=self.kernel_init, name="output")(y)
 
 
-def get_activation(name: str) -> Callable[[jax.Array], jax.Array]:
-    """The activation Hugging Face configs call ``name`` (``hidden_act``)."""
-    # Hugging Face's names: "gelu" is the exact (erf) GELU that BERT uses.
-    acts = {
-        "gelu": lambda x: nn.gelu(x, approximate=False),
-        "gelu_new": lambda x: nn.gelu(x, approximate=True),
-        "gelu_pytorch_tanh": lambda x: nn.gelu(x, approximate=True),
-        "relu": nn.relu,
-        "silu": nn.silu,
-        "swish": nn.silu,
-    }
-    if name not in acts:
-        raise ValueError(f"unsupported hidden_act {name!r}; supported: {', '.join(acts)}")
-    return acts[name]
+# Hugging Face's ``hidden_act`` names are the keys of the one activation table.
+get_activation = activation  # an alias of jft.models.layers.activation
 
 
 class BertLayer(nn.Module):
@@ -149,7 +137,7 @@ class BertLayer(nn.Module):
         y = nn.Dense(
             self.intermediate_size, dtype=self.dtype, kernel_init=init, name="intermediate"
         )(x)
-        y = get_activation(self.hidden_act)(y)
+        y = activation(self.hidden_act)(y)
         y = nn.Dense(x.shape[-1], dtype=self.dtype, kernel_init=init, name="output")(y)
         return norm("output_layer_norm")(x + drop(y))
 

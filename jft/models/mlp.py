@@ -9,7 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jft.models.layers import activation as get_activation
+from jft.models import layers
 from jft.models.registry import register
 
 Dtype = Any
@@ -24,8 +24,10 @@ class MLP(nn.Module):
     Attributes:
       widths: hidden layer sizes, e.g. ``(128,)`` or ``(64, 64)``; may be empty.
       num_classes: output size; 0 for no head.
-      activation: hidden activation, a name (``"relu"``, ``"gelu"``, ``"tanh"``,
-        ``"sigmoid"``...) or a function.
+      activation: hidden activation, a name of
+        :data:`jft.models.layers.ACTIVATIONS` (``"relu"``, ``"gelu"`` the exact
+        erf GELU, ``"gelu_new"`` its tanh approximation, ``"tanh"``...) or a
+        function.
       output_activation: ``None`` (logits, the default), ``"softmax"`` or
         ``"sigmoid"``. Losses such as ``optax.softmax_cross_entropy`` and
         ``optax.sigmoid_binary_cross_entropy`` take logits: keep ``None`` to train
@@ -61,7 +63,7 @@ class MLP(nn.Module):
             return x
         x = self.head(x)
         if self.output_activation is not None:
-            x = get_activation(self.output_activation)(x)
+            x = layers.activation(self.output_activation)(x)
         return x
 
 
@@ -73,7 +75,7 @@ class _MLPBackbone(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        act = get_activation(self.activation)
+        act = layers.activation(self.activation)
         x = jnp.asarray(x, self.dtype).reshape(x.shape[0], -1)
         for i, w in enumerate(self.widths):
             x = act(nn.Dense(w, dtype=self.dtype, name=f"dense_{i}")(x))

@@ -28,7 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jft.models.bert import SelfAttention, get_activation
+from jft.models.bert import SelfAttention
+from jft.models.layers import activation
 from jft.models.registry import register
 
 Dtype = Any
@@ -211,9 +212,7 @@ class ViTMlp(nn.Module):
         init = nn.initializers.truncated_normal(0.02)
         d = x.shape[-1]
         x = nn.Dense(self.mlp_dim, dtype=self.dtype, kernel_init=init, name="fc1")(x)
-        x = nn.Dropout(self.dropout_rate)(
-            get_activation(self.hidden_act)(x), deterministic=not train
-        )
+        x = nn.Dropout(self.dropout_rate)(activation(self.hidden_act)(x), deterministic=not train)
         return nn.Dense(d, dtype=self.dtype, kernel_init=init, name="fc2")(x)
 
 

@@ -8,11 +8,16 @@ from typing import Any
 
 import jax
 
-from jft.models.layers import compiler_options
+from jft.ops import compiler_options
 
 
 class OptionsJit:
-    """``jax.jit(fn, compiler_options=jft.models.compiler_options(), ...)``.
+    """``jax.jit(fn, compiler_options=jft.ops.compiler_options(), ...)``.
+
+    The options are chosen when the step is built, for JAX's default backend
+    (``jax.jit`` takes them once; they cannot follow the lowering platform as
+    :mod:`jft.ops`'s kernels do): XLA:CPU's on the CPU, none on GPU and TPU or
+    with ``jft.ops.set_cpu_kernels(False)``.
 
     JAX accepts compiler options only on a top-level ``jax.jit``; called on
     tracers (under ``jax.make_jaxpr``, another ``jax.jit``, ``lax.scan``) this

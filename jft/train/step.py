@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from jft import partition
+from jft import ops, partition
 from jft.train import parallel as parallel_lib
 from jft.train._jit import OptionsJit
 from jft.train.inputs import model_args
@@ -370,10 +370,9 @@ def make_train_step(
 
         if axis_name is not None:
             grads, loss, aux = jax.lax.pmean((grads, loss, aux), axis_name)
-        # The barrier keeps XLA from fusing these reductions over the gradients
-        # into the optimizer's elementwise passes, which makes those several
-        # times slower on the CPU.
-        seen = jax.lax.optimization_barrier(grads)
+        # On the CPU a barrier keeps XLA from fusing these reductions over the
+        # gradients into the optimizer's elementwise passes (jft.ops).
+        seen = ops.optimization_barrier(grads)
         finite = _all_finite(seen) & jnp.isfinite(loss)
 
         def apply(trainable, opt_state):
@@ -404,7 +403,7 @@ def make_train_step(
         if norms:
             metrics["grad_norm"] = optax.global_norm(seen)
             metrics["update_norm"] = update_norm
-            metrics["param_norm"] = optax.global_norm(jax.lax.optimization_barrier(trainable))
+            metrics["param_norm"] = optax.global_norm(ops.optimization_barrier(trainable))
         if learning_rate is None:
             metrics.update(_learning_rates(opt_state))
         elif callable(learning_rate):
