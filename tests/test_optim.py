@@ -18,6 +18,7 @@ import numpy as np
 import optax
 import pytest
 import torch
+from flax import linen as nn
 
 import jft
 from jft import optim
@@ -554,6 +555,82 @@ def test_optax_differences_are_as_documented(x64):
         assert not np.allclose(got["w"], want["w"], rtol=1e-6, atol=0)
 
 
+# --------------------------------------------------------------------------- complex
+
+
+def _complex_problem(seed):
+    """Complex128 params and gradients: two real problems as real and imaginary parts."""
+    (p_re, g_re), (p_im, g_im) = make_problem(seed), make_problem(seed + 100)
+    params = jax.tree.map(lambda a, b: a + 1j * b, p_re, p_im)
+
+    def grad_fn(p, t):
+        re, im = jax.tree.map(np.real, p), jax.tree.map(np.imag, p)
+        return jax.tree.map(lambda a, b: a + 1j * b, g_re(re, t), g_im(im, t))
+
+    return params, grad_fn
+
+
+def _real_view(tree):
+    return jax.tree.map(lambda z: np.stack([np.real(z), np.imag(z)], -1), tree)
+
+
+@cases("optax")
+def test_complex_equals_optax(case, x64):
+    # optax's convention: the update of the conjugate gradient, second moments |g|².
+    params, grad_fn = _complex_problem(seed=5)
+    for step, (got, want) in enumerate(
+        zip(
+            run_jft(case.tx(), params, grad_fn, 20),
+            run_jft(case.optax(case.lr), params, grad_fn, 20),
+            strict=True,
+        )
+    ):
+        assert_trees_close(_real_view(got), _real_view(want), rtol=1e-10, atol=1e-13, step=step)
+
+
+def test_complex_second_moment_is_the_squared_modulus():
+    # The issue's case: g = 1j. g·g = −1 made Adam step along +1 (real); |g|² = 1
+    # steps along −1j, as optax and torch do (RMSProp, unbiased: −lr·1j/√(1 − ρ)).
+    for tx, want in [
+        (optim.adam(0.1), -0.1j),
+        (optim.adamw(0.1), -0.1j),
+        (optim.adagrad(0.1), -0.1j),
+        (optim.rmsprop(0.1), -1j),
+    ]:
+        p = jnp.zeros(1, jnp.complex64)
+        u, _ = tx.update(jnp.array([1j], jnp.complex64), tx.init(p), p)
+        np.testing.assert_allclose(np.asarray(u), [want], rtol=1e-5)
+        assert u.dtype == jnp.complex64
+
+
+LINEAR = {"gradient_descent", "sgd", "heavy_ball", "heavy_ball_nesterov", "subgradient"}
+
+
+@cases("torch")
+def test_complex_against_torch_as_documented(case, x64):
+    """Linear rules equal torch on complex parameters; in the others torch treats a
+    complex parameter as two real ones (view_as_real): jft on the real view equals it."""
+    params, grad_fn = _complex_problem(seed=6)
+    leaves, treedef = jax.tree.flatten(params)
+    tensors = [torch.tensor(np.array(x), requires_grad=True) for x in leaves]  # complex128
+    opt = case.torch(tensors, case.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, case.torch_factor)
+    if case.id in LINEAR:
+        ours = run_jft(case.tx(), params, grad_fn, 30)
+    else:
+        as_complex = lambda p: jax.tree.map(lambda x: x[..., 0] + 1j * x[..., 1], p)
+        real_grad_fn = lambda p, t: _real_view(grad_fn(as_complex(p), t))
+        ours = map(as_complex, run_jft(case.tx(), _real_view(params), real_grad_fn, 30))
+    for step, got in enumerate(ours):
+        current = jax.tree.unflatten(treedef, [x.detach().numpy() for x in tensors])
+        for x, g in zip(tensors, jax.tree.leaves(grad_fn(current, step)), strict=True):
+            x.grad = torch.tensor(g)
+        opt.step()
+        sched.step()
+        theirs = jax.tree.unflatten(treedef, [x.detach().numpy().copy() for x in tensors])
+        assert_trees_close(_real_view(got), _real_view(theirs), rtol=1e-9, atol=1e-12, step=step)
+
+
 # --------------------------------------------------------------------------- convergence
 
 
@@ -745,6 +822,9 @@ BAD = [
     (optim.adam, (0.1,), {"b2": -0.001}, "b2"),
     (optim.adamw, (0.1,), {"b2": 1.2}, "b2"),
     (optim.adamw, (0.1,), {"weight_decay": -0.01}, "weight_decay"),
+    (optim.adamw, (0.1,), {"weight_decay": float("inf")}, "weight_decay"),
+    (optim.adagrad, (0.1,), {"eps": float("inf")}, "eps"),
+    (optim.adaptive_rate, (0.1,), {"beta": float("inf")}, "beta"),
 ]
 
 
@@ -754,8 +834,9 @@ BAD = [
     ids=[f"{f.__name__}-{n}-{i}" for i, (f, _, _, n) in enumerate(BAD)],
 )
 def test_bad_hyperparameters_raise(factory, args, kwargs, name):
-    with pytest.raises(ValueError, match=rf"\b{name}\b"):
+    with pytest.raises(optim.HyperparameterError, match=rf"\b{name}\b") as err:
         factory(*args, **kwargs)
+    assert isinstance(err.value, ValueError) and isinstance(err.value, jft.errors.JftError)
 
 
 def test_good_and_traced_hyperparameters_pass():
@@ -769,3 +850,91 @@ def test_public_api():
     assert jft.optim is optim
     for name in optim.__all__:
         assert getattr(optim, name).__doc__, name
+
+
+# --------------------------------------------------------------------------- finite, floating
+
+FACTORIES = [
+    optim.gradient_descent,
+    optim.sgd,
+    optim.momentum,
+    optim.heavy_ball,
+    optim.adaptive_rate,
+    optim.subgradient,
+    optim.adagrad,
+    optim.rmsprop,
+    optim.adam,
+    optim.adamw,
+]
+FACTORY_ARGS = {optim.adaptive_rate: {"beta": 0.1}}
+
+
+@pytest.mark.parametrize("bad", [float("inf"), -float("inf"), np.float32("inf")], ids=str)
+@pytest.mark.parametrize("factory", FACTORIES, ids=lambda f: f.__name__)
+def test_infinite_learning_rate_raises(factory, bad):
+    with pytest.raises(optim.HyperparameterError, match=r"\blr\b.*finite") as err:
+        factory(bad, **FACTORY_ARGS.get(factory, {}))
+    assert isinstance(err.value, jft.errors.JftError) and isinstance(err.value, ValueError)
+    assert "\n" not in str(err.value)
+    # optax.inject_hyperparams hands the factory a concrete jax.Array at init: checked too.
+    tx = optax.inject_hyperparams(factory)(bad, **FACTORY_ARGS.get(factory, {}))
+    with pytest.raises(optim.HyperparameterError, match=r"\blr\b"):
+        tx.init(jnp.zeros(2))
+
+
+@pytest.mark.parametrize("factory", FACTORIES, ids=lambda f: f.__name__)
+def test_integer_parameters_raise(factory):
+    params = {"b": jnp.zeros(2), "w": jnp.ones(2, jnp.int32)}
+    name = factory.__name__
+    want = rf"^jft\.optim\.{name}: parameter 'w' has dtype int32; .*floating-point"
+    for tx in (
+        factory(0.1, **FACTORY_ARGS.get(factory, {})),
+        optax.inject_hyperparams(factory)(0.1, **FACTORY_ARGS.get(factory, {})),
+    ):
+        with pytest.raises(optim.ParameterDtypeError, match=want) as err:
+            jax.jit(tx.init)(params)
+        assert isinstance(err.value, TypeError) and isinstance(err.value, jft.errors.JftError)
+
+
+# --------------------------------------------------------------------------- lr in train metrics
+
+
+class _Tiny(nn.Module):
+    @nn.compact
+    def __call__(self, x, train=False):
+        return nn.Dense(3, name="head")(nn.Dense(4, name="backbone")(x))
+
+
+def _lr_metrics(rules, steps=2):
+    model = _Tiny()
+    x = np.linspace(-1, 1, 8 * 5, dtype=np.float32).reshape(8, 5)
+    batch = {"image": x, "label": np.arange(8, dtype=np.int32) % 3}
+    state = jft.train.create_train_state(model.init(jax.random.key(0), x), rules)
+    step = jft.train.make_train_step(model, rules, jft.train.losses.get("softmax_xent"))
+    out = []
+    for _ in range(steps):
+        state, metrics = step(state, batch)
+        out.append({k: round(float(v), 6) for k, v in metrics.items() if k.startswith("lr")})
+    return out
+
+
+def test_learning_rate_reported_in_every_documented_form():
+    schedule = optax.linear_schedule(1.0, 0.0, 10)
+    # plain jft rule with a schedule: the rate of each step
+    assert _lr_metrics([(".*", optim.adam(schedule))]) == [{"lr": 1.0}, {"lr": 0.9}]
+    # optax.inject_hyperparams(jft rule)(lr=...): its `lr` hyperparameter, once
+    assert (
+        _lr_metrics([(".*", optax.inject_hyperparams(optim.adam)(lr=0.25))]) == [{"lr": 0.25}] * 2
+    )
+    # chained with clipping
+    clipped = optax.chain(optax.clip_by_global_norm(1.0), optim.heavy_ball(0.5))
+    assert _lr_metrics([(".*", clipped)], steps=1) == [{"lr": 0.5}]
+    # partition rules, one per rule, named by its index; frozen parts have none
+    injected = optax.inject_hyperparams(optim.rmsprop)(lr=schedule)
+    rules = [
+        ("head/.*", optim.sgd(0.125)),
+        ("backbone/kernel", optax.chain(optax.clip_by_global_norm(1.0), injected)),
+        (".*", None),
+    ]
+    got = _lr_metrics(rules)
+    assert got == [{"lr/0": 0.125, "lr/1": 1.0}, {"lr/0": 0.125, "lr/1": 0.9}]

@@ -25,16 +25,28 @@ Reduce on plateau scales whatever comes before it and is fed the metric::
     tx = optax.chain(jft.optim.adam(1e-3), jft.optim.reduce_on_plateau(0.1, patience=10))
     updates, state = tx.update(grads, state, params, value=val_loss)
 
-Every factory works under ``optax.inject_hyperparams`` (e.g.
-``optax.inject_hyperparams(jft.optim.adam)(lr=1e-3)``, then set
-``state.hyperparams["lr"]``) and in ``optax.partition``.
+Every factory returns an ``optax.GradientTransformationExtraArgs`` (its
+``update`` takes extra keyword arguments such as ``value=``), works under
+``optax.inject_hyperparams`` with the same state structure and updates as the
+plain rule (e.g. ``optax.inject_hyperparams(jft.optim.adam)(lr=1e-3)``, then set
+``state.hyperparams["lr"]``), in ``optax.partition`` and ``optax.MultiSteps``.
+Every rule ends with :func:`scale_by_learning_rate`, whose state records the
+learning rate of the last update, so that a train step can report it.
+
+Parameters must be floating point or complex (``init`` raises
+:class:`ParameterDtypeError`); complex ones follow optax's convention (pass the
+conjugate gradient; second moments are :math:`|g|^2`), except in
+:func:`adaptive_rate`, which refuses them. Hyperparameters given as numbers are
+checked at construction (:class:`HyperparameterError`: NaN, infinite or out of range).
 """
 
+from jft.optim._validate import HyperparameterError, ParameterDtypeError
 from jft.optim.adagrad import AdagradState, adagrad, scale_by_adagrad
 from jft.optim.adam import AdamState, adam, adamw, scale_by_adam
 from jft.optim.adaptive_rate import adaptive_rate, scale_by_adaptive_rate
 from jft.optim.gradient_descent import gradient_descent, sgd
 from jft.optim.heavy_ball import HeavyBallState, heavy_ball, scale_by_heavy_ball
+from jft.optim.learning_rate import LearningRateState, scale_by_learning_rate
 from jft.optim.momentum import MomentumState, momentum, scale_by_momentum
 from jft.optim.reduce_on_plateau import ReduceOnPlateauState, reduce_on_plateau
 from jft.optim.rmsprop import RMSpropState, rmsprop, scale_by_rmsprop
@@ -44,7 +56,10 @@ __all__ = [
     "AdagradState",
     "AdamState",
     "HeavyBallState",
+    "HyperparameterError",
+    "LearningRateState",
     "MomentumState",
+    "ParameterDtypeError",
     "RMSpropState",
     "ReduceOnPlateauState",
     "SubgradientState",
@@ -61,6 +76,7 @@ __all__ = [
     "scale_by_adam",
     "scale_by_adaptive_rate",
     "scale_by_heavy_ball",
+    "scale_by_learning_rate",
     "scale_by_momentum",
     "scale_by_rmsprop",
     "scale_by_subgradient",

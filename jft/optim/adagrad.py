@@ -1,12 +1,13 @@
 """AdaGrad: G ← G + g² ; θ ← θ − α g/(√G + ε), as torch.optim.Adagrad."""
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from jft.optim import _validate
+from jft.optim import _numerics, _validate
+from jft.optim.learning_rate import scale_by_learning_rate
 
 
 class AdagradState(NamedTuple):
@@ -17,12 +18,12 @@ class AdagradState(NamedTuple):
 
 def scale_by_adagrad(
     eps: jax.typing.ArrayLike = 1e-10, initial_accumulator_value: jax.typing.ArrayLike = 0.0
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
     r"""Divides the gradient by the root of the running sum of its squares, plus ``eps``.
 
     .. math::
 
-        G \leftarrow G + g^2, \quad G_0 = G_{\text{init}}; \qquad
+        G \leftarrow G + |g|^2, \quad G_0 = G_{\text{init}}; \qquad
         u = g / (\sqrt{G} + \varepsilon)
 
     Args:
@@ -30,28 +31,31 @@ def scale_by_adagrad(
       initial_accumulator_value: :math:`G_{\text{init}} \ge 0`.
 
     Returns:
-      An ``optax.GradientTransformation`` with state :class:`AdagradState`.
+      An ``optax.GradientTransformationExtraArgs`` with state :class:`AdagradState`.
     """
     _validate.nonnegative(eps, "eps")
     _validate.nonnegative(initial_accumulator_value, "initial_accumulator_value")
 
     def init_fn(params):
+        _validate.parameters(params, "scale_by_adagrad")
         return AdagradState(sum_of_squares=optax.tree.full_like(params, initial_accumulator_value))
 
-    def update_fn(updates, state, params=None):
-        del params
-        sum_of_squares = jax.tree.map(lambda g, s: s + g * g, updates, state.sum_of_squares)
+    def update_fn(updates, state, params=None, **extra_args: Any):
+        del params, extra_args
+        sum_of_squares = jax.tree.map(
+            lambda g, s: s + _numerics.abs_sq(g), updates, state.sum_of_squares
+        )
         updates = jax.tree.map(lambda g, s: g / (jnp.sqrt(s) + eps), updates, sum_of_squares)
         return updates, AdagradState(sum_of_squares=sum_of_squares)
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def adagrad(
     lr: optax.ScalarOrSchedule,
     eps: jax.typing.ArrayLike = 1e-10,
     initial_accumulator_value: jax.typing.ArrayLike = 0.0,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
     r"""AdaGrad: per-coordinate steps scaled by the history of squared gradients.
 
     Symbols: :math:`\theta` the parameters, :math:`g` the gradient, :math:`G` the
@@ -61,7 +65,7 @@ def adagrad(
 
     .. math::
 
-        G \leftarrow G + g^2 \; ; \quad
+        G \leftarrow G + |g|^2 \; ; \quad
         \theta \leftarrow \theta - \alpha \, g / (\sqrt{G} + \varepsilon)
 
     Args:
@@ -70,9 +74,9 @@ def adagrad(
       initial_accumulator_value: initial :math:`G` (``>= 0``).
 
     Returns:
-      An ``optax.GradientTransformation``:
+      An ``optax.GradientTransformationExtraArgs``:
       ``optax.chain(scale_by_adagrad(eps, initial_accumulator_value),
-      optax.scale_by_learning_rate(lr))``.
+      scale_by_learning_rate(lr))``.
 
     Example:
       >>> import jax.numpy as jnp, jft
@@ -93,8 +97,15 @@ def adagrad(
       0 where :math:`G = 0`. For optax's behaviour use ``optax.adagrad(lr)``; the
       two agree when both start :math:`G` at the same value and ``eps=0`` (and no
       :math:`G` is 0).
+      Complex parameters: as optax, the squares are :math:`|g|^2 = g \bar g`
+      (pass the conjugate of ``jax.grad``'s gradient, as optax does), so a step
+      does not depend on the phase of a parameter. ``torch.optim.Adagrad`` treats
+      a complex parameter as two real ones (``torch.view_as_real``), squaring
+      the real and imaginary parts apart; for that behaviour give jft the real
+      view, ``jnp.stack([z.real, z.imag], -1)``.
     """
     _validate.learning_rate(lr)
-    return optax.chain(
-        scale_by_adagrad(eps, initial_accumulator_value), optax.scale_by_learning_rate(lr)
+    return _validate.checked(
+        optax.chain(scale_by_adagrad(eps, initial_accumulator_value), scale_by_learning_rate(lr)),
+        "adagrad",
     )

@@ -6,7 +6,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jft.optim import _validate
+from jft.optim import _numerics, _validate
+from jft.optim.learning_rate import scale_by_learning_rate
 
 
 class AdamState(NamedTuple):
@@ -21,14 +22,14 @@ def scale_by_adam(
     b1: jax.typing.ArrayLike = 0.9,
     b2: jax.typing.ArrayLike = 0.999,
     eps: jax.typing.ArrayLike = 1e-8,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
     r"""Rescales the gradient by Adam's bias-corrected moment estimates.
 
     .. math::
 
         t \leftarrow t + 1, \quad
         m \leftarrow \beta_1 m + (1 - \beta_1) g, \quad
-        v \leftarrow \beta_2 v + (1 - \beta_2) g^2
+        v \leftarrow \beta_2 v + (1 - \beta_2) |g|^2
 
         \hat m = m / (1 - \beta_1^t), \quad \hat v = v / (1 - \beta_2^t), \quad
         u = \hat m / (\sqrt{\hat v} + \varepsilon)
@@ -39,30 +40,31 @@ def scale_by_adam(
       eps: :math:`\varepsilon \ge 0`, added outside the square root.
 
     Returns:
-      An ``optax.GradientTransformation`` with state :class:`AdamState`.
+      An ``optax.GradientTransformationExtraArgs`` with state :class:`AdamState`.
     """
     _validate.unit_interval(b1, "b1")
     _validate.unit_interval(b2, "b2")
     _validate.nonnegative(eps, "eps")
 
     def init_fn(params):
+        _validate.parameters(params, "scale_by_adam")
         return AdamState(
             count=jnp.zeros([], jnp.int32),
             mu=optax.tree.zeros_like(params),
             nu=optax.tree.zeros_like(params),
         )
 
-    def update_fn(updates, state, params=None):
-        del params
+    def update_fn(updates, state, params=None, **extra_args: Any):
+        del params, extra_args
         count = optax.safe_increment(state.count)
         mu = jax.tree.map(lambda g, m: b1 * m + (1 - b1) * g, updates, state.mu)
-        nu = jax.tree.map(lambda g, v: b2 * v + (1 - b2) * g * g, updates, state.nu)
+        nu = jax.tree.map(lambda g, v: b2 * v + (1 - b2) * _numerics.abs_sq(g), updates, state.nu)
         mu_hat = optax.tree.bias_correction(mu, b1, count)
         nu_hat = optax.tree.bias_correction(nu, b2, count)
         updates = jax.tree.map(lambda m, v: m / (jnp.sqrt(v) + eps), mu_hat, nu_hat)
         return updates, AdamState(count=count, mu=mu, nu=nu)
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def adam(
@@ -70,19 +72,19 @@ def adam(
     b1: jax.typing.ArrayLike = 0.9,
     b2: jax.typing.ArrayLike = 0.999,
     eps: jax.typing.ArrayLike = 1e-8,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
     r"""Adam: steps from bias-corrected moving moments of the gradient.
 
     Symbols: :math:`\theta` the parameters, :math:`g` the gradient, :math:`t` the
     step (1 at the first update), :math:`m, v` moving means of :math:`g` and
-    :math:`g^2` (both 0 at start) with decays :math:`\beta_1, \beta_2`,
+    :math:`|g|^2` (both 0 at start) with decays :math:`\beta_1, \beta_2`,
     :math:`\hat m, \hat v` their bias-corrected values, :math:`\alpha` the
     learning rate, :math:`\varepsilon` a small constant; elementwise.
 
     .. math::
 
         m \leftarrow \beta_1 m + (1 - \beta_1) g, \quad
-        v \leftarrow \beta_2 v + (1 - \beta_2) g^2, \quad
+        v \leftarrow \beta_2 v + (1 - \beta_2) |g|^2, \quad
         \hat m = \frac{m}{1 - \beta_1^t}, \quad \hat v = \frac{v}{1 - \beta_2^t} \; ; \quad
         \theta \leftarrow \theta - \alpha \, \hat m / (\sqrt{\hat v} + \varepsilon)
 
@@ -93,8 +95,8 @@ def adam(
       eps: :math:`\varepsilon \ge 0`, added outside the square root.
 
     Returns:
-      An ``optax.GradientTransformation``:
-      ``optax.chain(scale_by_adam(b1, b2, eps), optax.scale_by_learning_rate(lr))``.
+      An ``optax.GradientTransformationExtraArgs``:
+      ``optax.chain(scale_by_adam(b1, b2, eps), scale_by_learning_rate(lr))``.
 
     Example:
       >>> import jax.numpy as jnp, jft
@@ -111,9 +113,18 @@ def adam(
       ``optax.adam(lr, b1, b2, eps)`` (whose default ``eps_root=0``); this
       version has no ``eps_root``, ``mu_dtype`` or ``nesterov``: use ``optax.adam``
       for those.
+
+      Complex parameters: as optax, the second moment is :math:`|g|^2 = g \bar g`
+      (pass the conjugate of ``jax.grad``'s gradient, as optax does), so a step
+      does not depend on the phase of a parameter. ``torch.optim.Adam`` treats a
+      complex parameter as two real ones (``torch.view_as_real``), so there
+      :math:`v` is per real and imaginary part; for that behaviour give jft the
+      real view, ``jnp.stack([z.real, z.imag], -1)``.
     """
     _validate.learning_rate(lr)
-    return optax.chain(scale_by_adam(b1, b2, eps), optax.scale_by_learning_rate(lr))
+    return _validate.checked(
+        optax.chain(scale_by_adam(b1, b2, eps), scale_by_learning_rate(lr)), "adam"
+    )
 
 
 def adamw(
@@ -124,7 +135,7 @@ def adamw(
     weight_decay: jax.typing.ArrayLike = 0.01,
     *,
     mask: Any = None,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
     r"""AdamW: Adam with weight decay decoupled from the gradient, as ``torch.optim.AdamW``.
 
     Symbols: as in :func:`adam`, and :math:`\lambda` the weight decay
@@ -149,9 +160,9 @@ def adamw(
         bools (or a function of params giving one) saying which leaves decay.
 
     Returns:
-      An ``optax.GradientTransformation``: ``optax.chain(scale_by_adam(b1, b2,
-      eps), optax.add_decayed_weights(weight_decay, mask),
-      optax.scale_by_learning_rate(lr))``. Its ``update`` needs ``params``.
+      An ``optax.GradientTransformationExtraArgs``: ``optax.chain(scale_by_adam(b1,
+      b2, eps), optax.add_decayed_weights(weight_decay, mask),
+      scale_by_learning_rate(lr))``. Its ``update`` needs ``params``.
 
     Example:
       >>> import jax.numpy as jnp, jft
@@ -168,12 +179,16 @@ def adamw(
       Equals ``torch.optim.AdamW(lr=lr, betas=(b1, b2), eps=eps,
       weight_decay=weight_decay)``, whose default ``weight_decay`` is 0.01, as here.
       ``optax.adamw`` defaults to ``weight_decay=1e-4``; for optax's behaviour pass
-      ``weight_decay=1e-4`` (then the two are equal).
+      ``weight_decay=1e-4`` (then the two are equal). Complex parameters: as
+      :func:`adam`.
     """
     _validate.learning_rate(lr)
     _validate.nonnegative(weight_decay, "weight_decay")
-    return optax.chain(
-        scale_by_adam(b1, b2, eps),
-        optax.add_decayed_weights(weight_decay, mask),
-        optax.scale_by_learning_rate(lr),
+    return _validate.checked(
+        optax.chain(
+            scale_by_adam(b1, b2, eps),
+            optax.add_decayed_weights(weight_decay, mask),
+            scale_by_learning_rate(lr),
+        ),
+        "adamw",
     )

@@ -1,15 +1,23 @@
 """Elementwise adaptive rate: θ ← θ − α g / (1 + β g), with a guard near 1 + βg = 0."""
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import optax
 
 from jft.optim import _validate
+from jft.optim.learning_rate import scale_by_learning_rate
+
+_COMPLEX_REASON = (
+    "g/(1 + beta*g) would turn a complex step off the gradient's direction: "
+    "optimize the real and imaginary parts as real parameters"
+)
 
 
 def scale_by_adaptive_rate(
     beta: jax.typing.ArrayLike, *, eps: jax.typing.ArrayLike = 1e-6
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
     r"""Divides each gradient entry by :math:`1 + \beta g`, guarded away from zero.
 
     .. math::
@@ -27,17 +35,18 @@ def scale_by_adaptive_rate(
         denominator, so that :math:`|u| \le |g| / \varepsilon`.
 
     Returns:
-      A stateless ``optax.GradientTransformation`` (state ``optax.EmptyState``).
+      A stateless ``optax.GradientTransformationExtraArgs`` (state ``optax.EmptyState``);
+      its ``init`` refuses complex parameters (see :func:`adaptive_rate`).
     """
-    _validate.finite_nonnegative(beta, "beta")
-    _validate.finite_nonnegative(eps, "eps")
+    _validate.nonnegative(beta, "beta")
+    _validate.nonnegative(eps, "eps")
 
     def init_fn(params):
-        del params
+        _validate.parameters(params, "scale_by_adaptive_rate", complex_reason=_COMPLEX_REASON)
         return optax.EmptyState()
 
-    def update_fn(updates, state, params=None):
-        del params
+    def update_fn(updates, state, params=None, **extra_args: Any):
+        del params, extra_args
 
         def f(g):
             d = 1 + beta * g
@@ -49,7 +58,7 @@ def scale_by_adaptive_rate(
 
         return jax.tree.map(f, updates), state
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def adaptive_rate(
@@ -57,7 +66,7 @@ def adaptive_rate(
     beta: jax.typing.ArrayLike,
     *,
     eps: jax.typing.ArrayLike = 1e-6,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
     r"""Gradient descent whose step shrinks, entry by entry, where :math:`\beta g` is large.
 
     Symbols: :math:`\theta` the parameters, :math:`g` the gradient, :math:`\alpha`
@@ -81,8 +90,8 @@ def adaptive_rate(
       eps: keyword-only; the guard :math:`\varepsilon` above.
 
     Returns:
-      An ``optax.GradientTransformation``:
-      ``optax.chain(scale_by_adaptive_rate(beta, eps=eps), optax.scale_by_learning_rate(lr))``.
+      An ``optax.GradientTransformationExtraArgs``:
+      ``optax.chain(scale_by_adaptive_rate(beta, eps=eps), scale_by_learning_rate(lr))``.
 
     Example:
       >>> import jax.numpy as jnp, jft
@@ -94,6 +103,15 @@ def adaptive_rate(
     Note:
       Neither optax nor ``torch.optim`` has this rule. ``beta`` may be 1 or more
       (it is not an averaging coefficient), but must be finite and non-negative.
+      Complex parameters are refused (``init`` raises
+      ``jft.optim.ParameterDtypeError``): for a complex :math:`g` the denominator
+      :math:`1 + \beta g` is complex, so it turns the step off the gradient's
+      direction instead of shrinking it, and the guard's sign has no meaning.
+      Optimize the real and imaginary parts as real parameters instead.
     """
     _validate.learning_rate(lr)
-    return optax.chain(scale_by_adaptive_rate(beta, eps=eps), optax.scale_by_learning_rate(lr))
+    return _validate.checked(
+        optax.chain(scale_by_adaptive_rate(beta, eps=eps), scale_by_learning_rate(lr)),
+        "adaptive_rate",
+        complex_reason=_COMPLEX_REASON,
+    )

@@ -3,9 +3,10 @@
 import optax
 
 from jft.optim import _validate
+from jft.optim.learning_rate import scale_by_learning_rate
 
 
-def gradient_descent(lr: optax.ScalarOrSchedule) -> optax.GradientTransformation:
+def gradient_descent(lr: optax.ScalarOrSchedule) -> optax.GradientTransformationExtraArgs:
     r"""Gradient descent: a step of size ``lr`` against the gradient.
 
     Symbols: :math:`\theta` the parameters, :math:`\alpha` the learning rate
@@ -20,7 +21,7 @@ def gradient_descent(lr: optax.ScalarOrSchedule) -> optax.GradientTransformation
       lr: learning rate :math:`\alpha` (``>= 0``), or an optax schedule.
 
     Returns:
-      An ``optax.GradientTransformation`` whose updates are
+      An ``optax.GradientTransformationExtraArgs`` whose updates are
       :math:`-\alpha \nabla L(\theta)`; add them with ``optax.apply_updates``.
 
     Example:
@@ -37,14 +38,17 @@ def gradient_descent(lr: optax.ScalarOrSchedule) -> optax.GradientTransformation
 
     Note:
       The building block is the identity, so this is
-      ``optax.scale_by_learning_rate(lr)``; it equals ``optax.sgd(lr)`` and
+      :func:`jft.optim.scale_by_learning_rate`; it equals ``optax.sgd(lr)`` and
       ``torch.optim.SGD(params, lr)``.
+      Complex parameters: the rule is linear in :math:`g`, so it applies as it
+      stands, as in optax and ``torch.optim.SGD`` (pass the conjugate of
+      ``jax.grad``'s gradient, as optax does).
     """
     _validate.learning_rate(lr)
-    return optax.scale_by_learning_rate(lr)
+    return _validate.checked(scale_by_learning_rate(lr), "gradient_descent")
 
 
-def sgd(lr: optax.ScalarOrSchedule) -> optax.GradientTransformation:
+def sgd(lr: optax.ScalarOrSchedule) -> optax.GradientTransformationExtraArgs:
     r"""Stochastic gradient descent: :func:`gradient_descent` on a minibatch gradient.
 
     Symbols: :math:`\theta` the parameters, :math:`\alpha` the learning rate,
@@ -58,7 +62,7 @@ def sgd(lr: optax.ScalarOrSchedule) -> optax.GradientTransformation:
       lr: learning rate :math:`\alpha` (``>= 0``), or an optax schedule.
 
     Returns:
-      An ``optax.GradientTransformation``; the update rule is the same as
+      An ``optax.GradientTransformationExtraArgs``; the update rule is the same as
       :func:`gradient_descent`, only the gradient fed to it differs.
 
     Example:
@@ -74,6 +78,7 @@ def sgd(lr: optax.ScalarOrSchedule) -> optax.GradientTransformation:
     Note:
       No momentum: ``optax.sgd(lr)`` and ``torch.optim.SGD(params, lr)`` both take
       a ``momentum`` argument; here that is :func:`jft.optim.heavy_ball`.
+      Complex parameters: as :func:`gradient_descent`.
     """
     _validate.learning_rate(lr)
-    return optax.scale_by_learning_rate(lr)
+    return _validate.checked(scale_by_learning_rate(lr), "sgd")

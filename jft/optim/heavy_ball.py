@@ -1,11 +1,12 @@
 """Polyak's heavy ball: θ_{t+1} = θ_t − η g_t + α(θ_t − θ_{t−1}), as torch.optim.SGD(momentum)."""
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import optax
 
 from jft.optim import _validate
+from jft.optim.learning_rate import scale_by_learning_rate
 
 
 class HeavyBallState(NamedTuple):
@@ -16,7 +17,7 @@ class HeavyBallState(NamedTuple):
 
 def scale_by_heavy_ball(
     momentum: jax.typing.ArrayLike = 0.9, *, nesterov: bool = False
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
     r"""Accumulates the gradient in a momentum buffer, as ``torch.optim.SGD`` does.
 
     .. math::
@@ -29,15 +30,16 @@ def scale_by_heavy_ball(
       nesterov: use Nesterov's look-ahead form.
 
     Returns:
-      An ``optax.GradientTransformation`` with state :class:`HeavyBallState`.
+      An ``optax.GradientTransformationExtraArgs`` with state :class:`HeavyBallState`.
     """
     _validate.unit_interval(momentum, "momentum")
 
     def init_fn(params):
+        _validate.parameters(params, "scale_by_heavy_ball")
         return HeavyBallState(momentum=optax.tree.zeros_like(params))
 
-    def update_fn(updates, state, params=None):
-        del params
+    def update_fn(updates, state, params=None, **extra_args: Any):
+        del params, extra_args
         buf = jax.tree.map(lambda g, b: momentum * b + g, updates, state.momentum)
         if nesterov:
             updates = jax.tree.map(lambda g, b: g + momentum * b, updates, buf)
@@ -45,7 +47,7 @@ def scale_by_heavy_ball(
             updates = buf
         return updates, HeavyBallState(momentum=buf)
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def heavy_ball(
@@ -53,7 +55,7 @@ def heavy_ball(
     momentum: jax.typing.ArrayLike = 0.9,
     *,
     nesterov: bool = False,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
     r"""Polyak's heavy-ball method, equal to ``torch.optim.SGD(lr, momentum)``.
 
     Symbols: :math:`\theta_t` the parameters after :math:`t` steps, :math:`g_t`
@@ -78,8 +80,8 @@ def heavy_ball(
       nesterov: keyword-only; Nesterov momentum as in ``torch.optim.SGD``.
 
     Returns:
-      An ``optax.GradientTransformation``:
-      ``optax.chain(scale_by_heavy_ball(momentum), optax.scale_by_learning_rate(lr))``.
+      An ``optax.GradientTransformationExtraArgs``:
+      ``optax.chain(scale_by_heavy_ball(momentum), scale_by_learning_rate(lr))``.
 
     Example:
       >>> import jax.numpy as jnp, jft
@@ -100,8 +102,12 @@ def heavy_ball(
       ``optax.sgd(lr, momentum, nesterov=nesterov)``. With a schedule, the step
       is :math:`-\eta_t b_t` (as torch with an ``lr_scheduler``), so the
       :math:`\theta` form above holds with :math:`\alpha = \mu\eta_t/\eta_{t-1}`.
+      Complex parameters: the rule is linear in :math:`g`, so it applies as it
+      stands, as in optax and ``torch.optim.SGD`` (pass the conjugate of
+      ``jax.grad``'s gradient, as optax does).
     """
     _validate.learning_rate(lr)
-    return optax.chain(
-        scale_by_heavy_ball(momentum, nesterov=nesterov), optax.scale_by_learning_rate(lr)
+    return _validate.checked(
+        optax.chain(scale_by_heavy_ball(momentum, nesterov=nesterov), scale_by_learning_rate(lr)),
+        "heavy_ball",
     )

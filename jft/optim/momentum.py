@@ -1,11 +1,12 @@
 """Momentum as an exponential moving average of gradients: v ← βv + (1−β)g ; θ ← θ − αv."""
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import optax
 
 from jft.optim import _validate
+from jft.optim.learning_rate import scale_by_learning_rate
 
 
 class MomentumState(NamedTuple):
@@ -14,7 +15,7 @@ class MomentumState(NamedTuple):
     velocity: optax.Updates
 
 
-def scale_by_momentum(beta: jax.typing.ArrayLike = 0.9) -> optax.GradientTransformation:
+def scale_by_momentum(beta: jax.typing.ArrayLike = 0.9) -> optax.GradientTransformationExtraArgs:
     r"""Replaces the gradient with its exponential moving average ``v``.
 
     .. math::
@@ -25,24 +26,25 @@ def scale_by_momentum(beta: jax.typing.ArrayLike = 0.9) -> optax.GradientTransfo
       beta: averaging coefficient :math:`\beta` in [0, 1).
 
     Returns:
-      An ``optax.GradientTransformation`` with state :class:`MomentumState`.
+      An ``optax.GradientTransformationExtraArgs`` with state :class:`MomentumState`.
     """
     _validate.unit_interval(beta, "beta")
 
     def init_fn(params):
+        _validate.parameters(params, "scale_by_momentum")
         return MomentumState(velocity=optax.tree.zeros_like(params))
 
-    def update_fn(updates, state, params=None):
-        del params
+    def update_fn(updates, state, params=None, **extra_args: Any):
+        del params, extra_args
         velocity = jax.tree.map(lambda g, v: beta * v + (1 - beta) * g, updates, state.velocity)
         return velocity, MomentumState(velocity=velocity)
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def momentum(
     lr: optax.ScalarOrSchedule, beta: jax.typing.ArrayLike = 0.9
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
     r"""Gradient descent along an exponential moving average of the gradients.
 
     Symbols: :math:`\theta` the parameters, :math:`g` the gradient, :math:`v` the
@@ -59,8 +61,8 @@ def momentum(
       beta: averaging coefficient :math:`\beta` in [0, 1).
 
     Returns:
-      An ``optax.GradientTransformation``:
-      ``optax.chain(scale_by_momentum(beta), optax.scale_by_learning_rate(lr))``.
+      An ``optax.GradientTransformationExtraArgs``:
+      ``optax.chain(scale_by_momentum(beta), scale_by_learning_rate(lr))``.
 
     Example:
       >>> import jax.numpy as jnp, jft
@@ -83,6 +85,11 @@ def momentum(
       ``optax.chain(optax.ema(beta, debias=False), optax.scale_by_learning_rate(lr))``.
       ``torch.optim.SGD(momentum=beta, dampening=beta)`` differs at the first
       step, where torch sets :math:`v_1 = g_1` without damping.
+      Complex parameters: the rule is linear in :math:`g`, so it applies as it
+      stands, as in optax and ``torch.optim.SGD`` (pass the conjugate of
+      ``jax.grad``'s gradient, as optax does).
     """
     _validate.learning_rate(lr)
-    return optax.chain(scale_by_momentum(beta), optax.scale_by_learning_rate(lr))
+    return _validate.checked(
+        optax.chain(scale_by_momentum(beta), scale_by_learning_rate(lr)), "momentum"
+    )

@@ -120,7 +120,7 @@ def reduce_on_plateau(
         return a > best + threshold
 
     def init_fn(params):
-        del params
+        _validate.parameters(params, "reduce_on_plateau")
         return ReduceOnPlateauState(
             scale=jnp.ones([], jnp.float32),
             best=jnp.asarray(jnp.inf if mode == "min" else -jnp.inf, jnp.float32),

@@ -1,12 +1,13 @@
 """RMSProp: v ← ρv + (1−ρ)g² ; θ ← θ − α g/(√v + ε), as torch.optim.RMSprop."""
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from jft.optim import _validate
+from jft.optim import _numerics, _validate
+from jft.optim.learning_rate import scale_by_learning_rate
 
 
 class RMSpropState(NamedTuple):
@@ -14,7 +15,7 @@ class RMSpropState(NamedTuple):
 
     ``nu`` is the mean square :math:`v`; ``grad_avg`` the mean gradient :math:`\\bar g`
     (``None`` unless ``centered``); ``momentum`` the buffer :math:`b` (``None`` when
-    ``momentum`` is the number 0).
+    ``momentum`` is ``None``).
     """
 
     nu: optax.Updates
@@ -25,51 +26,57 @@ class RMSpropState(NamedTuple):
 def scale_by_rmsprop(
     decay: jax.typing.ArrayLike = 0.99,
     eps: jax.typing.ArrayLike = 1e-8,
-    momentum: jax.typing.ArrayLike = 0.0,
+    momentum: jax.typing.ArrayLike | None = None,
     *,
     centered: bool = False,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
     r"""Divides the gradient by the root of a moving mean of its square, as torch does.
 
     .. math::
 
-        v \leftarrow \rho v + (1-\rho) g^2, \quad
+        v \leftarrow \rho v + (1-\rho) |g|^2, \quad
         \bar g \leftarrow \rho \bar g + (1-\rho) g, \quad
-        s = \sqrt{v} + \varepsilon \;\text{ or, centered, }\; s = \sqrt{v - \bar g^2} + \varepsilon
+        s = \sqrt{v} + \varepsilon \;\text{ or, centered, }\;
+        s = \sqrt{v - |\bar g|^2} + \varepsilon
 
         u = g / s \;\text{ or, with momentum }\mu,\; b \leftarrow \mu b + g / s, \; u = b
 
     Args:
       decay: :math:`\rho` in [0, 1) (torch's ``alpha``).
       eps: :math:`\varepsilon \ge 0`, added outside the square root.
-      momentum: :math:`\mu` in [0, 1). Given as the number 0, no buffer is kept.
+      momentum: :math:`\mu` in [0, 1), or ``None`` (the default): no buffer is
+        kept. A number, 0 included, keeps one, so that the state has the same
+        structure under ``optax.inject_hyperparams`` (where ``None`` stays static).
       centered: keyword-only; divide by the estimated standard deviation.
 
     Returns:
-      An ``optax.GradientTransformation`` with state :class:`RMSpropState`.
+      An ``optax.GradientTransformationExtraArgs`` with state :class:`RMSpropState`.
     """
     _validate.unit_interval(decay, "decay")
     _validate.nonnegative(eps, "eps")
     _validate.unit_interval(momentum, "momentum")
-    # A structural choice on a concrete constant, as torch's `if momentum > 0`:
-    # a traced momentum (inject_hyperparams) always keeps the buffer.
-    use_momentum = not _validate.is_zero(momentum)
+    # A structural choice on None, which inject_hyperparams keeps static: a
+    # number (traced there) always keeps the buffer, plain or injected.
+    use_momentum = momentum is not None
 
     def init_fn(params):
+        _validate.parameters(params, "scale_by_rmsprop")
         return RMSpropState(
             nu=optax.tree.zeros_like(params),
             grad_avg=optax.tree.zeros_like(params) if centered else None,
             momentum=optax.tree.zeros_like(params) if use_momentum else None,
         )
 
-    def update_fn(updates, state, params=None):
-        del params
-        nu = jax.tree.map(lambda g, v: decay * v + (1 - decay) * g * g, updates, state.nu)
+    def update_fn(updates, state, params=None, **extra_args: Any):
+        del params, extra_args
+        nu = jax.tree.map(
+            lambda g, v: decay * v + (1 - decay) * _numerics.abs_sq(g), updates, state.nu
+        )
         if centered:
             grad_avg = jax.tree.map(
                 lambda g, a: decay * a + (1 - decay) * g, updates, state.grad_avg
             )
-            denom = jax.tree.map(lambda v, a: jnp.sqrt(v - a * a) + eps, nu, grad_avg)
+            denom = jax.tree.map(lambda v, a: jnp.sqrt(v - _numerics.abs_sq(a)) + eps, nu, grad_avg)
         else:
             grad_avg = None
             denom = jax.tree.map(lambda v: jnp.sqrt(v) + eps, nu)
@@ -81,17 +88,17 @@ def scale_by_rmsprop(
             updates = jax.tree.map(lambda g, s: g / s, updates, denom)
         return updates, RMSpropState(nu=nu, grad_avg=grad_avg, momentum=buf)
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def rmsprop(
     lr: optax.ScalarOrSchedule,
     decay: jax.typing.ArrayLike = 0.99,
     eps: jax.typing.ArrayLike = 1e-8,
-    momentum: jax.typing.ArrayLike = 0.0,
+    momentum: jax.typing.ArrayLike | None = None,
     *,
     centered: bool = False,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
     r"""RMSProp: steps scaled by a moving root mean square of the gradients.
 
     Symbols: :math:`\theta` the parameters, :math:`g` the gradient, :math:`v` the
@@ -101,10 +108,10 @@ def rmsprop(
 
     .. math::
 
-        v \leftarrow \rho v + (1 - \rho) g^2 \; ; \quad
+        v \leftarrow \rho v + (1 - \rho) |g|^2 \; ; \quad
         \theta \leftarrow \theta - \alpha \, g / (\sqrt{v} + \varepsilon)
 
-    With ``centered=True`` the denominator is :math:`\sqrt{v - \bar g^2} + \varepsilon`,
+    With ``centered=True`` the denominator is :math:`\sqrt{v - |\bar g|^2} + \varepsilon`,
     :math:`\bar g \leftarrow \rho \bar g + (1 - \rho) g`; with ``momentum`` :math:`\mu`
     the step goes through a buffer, :math:`b \leftarrow \mu b + g/(\cdot)`,
     :math:`\theta \leftarrow \theta - \alpha b` (see :func:`scale_by_rmsprop`).
@@ -113,12 +120,13 @@ def rmsprop(
       lr: learning rate :math:`\alpha` (``>= 0``), or an optax schedule.
       decay: :math:`\rho` in [0, 1) (torch's ``alpha``).
       eps: :math:`\varepsilon \ge 0`, added outside the square root.
-      momentum: :math:`\mu` in [0, 1).
+      momentum: :math:`\mu` in [0, 1), or ``None`` (the default, torch's 0):
+        no momentum buffer. A number, 0 included, keeps a buffer.
       centered: keyword-only; divide by the estimated standard deviation.
 
     Returns:
-      An ``optax.GradientTransformation``:
-      ``optax.chain(scale_by_rmsprop(...), optax.scale_by_learning_rate(lr))``.
+      An ``optax.GradientTransformationExtraArgs``:
+      ``optax.chain(scale_by_rmsprop(...), scale_by_learning_rate(lr))``.
 
     Example:
       >>> import jax.numpy as jnp, jft
@@ -138,9 +146,18 @@ def rmsprop(
       root. ``optax.rmsprop`` defaults to ``decay=0.9`` and :math:`\varepsilon` inside
       the root; ``optax.rmsprop(lr, decay, eps, eps_in_sqrt=False, centered=...,
       momentum=...)`` gives the same updates as this function.
+      Complex parameters: as optax, the squares are :math:`|g|^2 = g \bar g`
+      (pass the conjugate of ``jax.grad``'s gradient, as optax does), so a step
+      does not depend on the phase of a parameter. ``torch.optim.RMSprop`` treats
+      a complex parameter as two real ones (``torch.view_as_real``), squaring
+      the real and imaginary parts apart; for that behaviour give jft the real
+      view, ``jnp.stack([z.real, z.imag], -1)``.
     """
     _validate.learning_rate(lr)
-    return optax.chain(
-        scale_by_rmsprop(decay, eps, momentum, centered=centered),
-        optax.scale_by_learning_rate(lr),
+    return _validate.checked(
+        optax.chain(
+            scale_by_rmsprop(decay, eps, momentum, centered=centered),
+            scale_by_learning_rate(lr),
+        ),
+        "rmsprop",
     )

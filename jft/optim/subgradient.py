@@ -1,12 +1,13 @@
 """Subgradient method: θ ← θ − α_t g_t, g_t ∈ ∂L(θ_t), α_t = α/√(t+1)."""
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from jft.optim import _validate
+from jft.optim.learning_rate import scale_by_learning_rate
 
 
 class SubgradientState(NamedTuple):
@@ -15,7 +16,7 @@ class SubgradientState(NamedTuple):
     count: jax.Array
 
 
-def scale_by_subgradient() -> optax.GradientTransformation:
+def scale_by_subgradient() -> optax.GradientTransformationExtraArgs:
     r"""Scales the :math:`t`-th (sub)gradient by :math:`1/\sqrt{t+1}`, :math:`t = 0, 1, \ldots`
 
     .. math::
@@ -23,26 +24,29 @@ def scale_by_subgradient() -> optax.GradientTransformation:
         u_t = g_t / \sqrt{t + 1}
 
     Returns:
-      An ``optax.GradientTransformation`` with state :class:`SubgradientState`.
+      An ``optax.GradientTransformationExtraArgs`` with state :class:`SubgradientState`.
     """
 
     def init_fn(params):
-        del params
+        _validate.parameters(params, "scale_by_subgradient")
         return SubgradientState(count=jnp.zeros([], jnp.int32))
 
-    def update_fn(updates, state, params=None):
-        del params
+    def update_fn(updates, state, params=None, **extra_args: Any):
+        del params, extra_args
 
         def f(g):
-            t = jnp.asarray(state.count + 1, jnp.promote_types(g.dtype, jnp.float32))
-            return (g / jnp.sqrt(t)).astype(g.dtype)
+            # One scalar 1/√(t+1), in g's real precision (at least float32), then
+            # one multiply per entry: a division per entry costs a second pass's time.
+            real = jnp.promote_types(jnp.finfo(g.dtype).dtype, jnp.float32)
+            factor = 1 / jnp.sqrt(jnp.asarray(state.count + 1, real))
+            return (g * factor).astype(g.dtype)
 
         return jax.tree.map(f, updates), SubgradientState(count=optax.safe_increment(state.count))
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def subgradient(lr: optax.ScalarOrSchedule) -> optax.GradientTransformation:
+def subgradient(lr: optax.ScalarOrSchedule) -> optax.GradientTransformationExtraArgs:
     r"""The subgradient method with diminishing steps, for non-differentiable losses.
 
     Symbols: :math:`\theta_t` the parameters at step :math:`t` (counted from 0),
@@ -69,8 +73,8 @@ def subgradient(lr: optax.ScalarOrSchedule) -> optax.GradientTransformation:
       lr: base learning rate :math:`\alpha` (``>= 0``), or an optax schedule.
 
     Returns:
-      An ``optax.GradientTransformation``:
-      ``optax.chain(scale_by_subgradient(), optax.scale_by_learning_rate(lr))``.
+      An ``optax.GradientTransformationExtraArgs``:
+      ``optax.chain(scale_by_subgradient(), scale_by_learning_rate(lr))``.
 
     Example:
       >>> import jax, jax.numpy as jnp, jft
@@ -89,6 +93,11 @@ def subgradient(lr: optax.ScalarOrSchedule) -> optax.GradientTransformation:
     Note:
       The same steps come from ``optax.sgd(lambda t: lr / jnp.sqrt(t + 1))``.
       torch has no such rule (``torch.optim.SGD`` with a ``LambdaLR`` scheduler).
+      Complex parameters: the rule is linear in :math:`g`, so it applies as it
+      stands, as in optax and ``torch.optim.SGD`` (pass the conjugate of
+      ``jax.grad``'s gradient, as optax does).
     """
     _validate.learning_rate(lr)
-    return optax.chain(scale_by_subgradient(), optax.scale_by_learning_rate(lr))
+    return _validate.checked(
+        optax.chain(scale_by_subgradient(), scale_by_learning_rate(lr)), "subgradient"
+    )
