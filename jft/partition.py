@@ -26,7 +26,6 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
-from flax import traverse_util
 
 from jft import optim
 from jft.errors import JftError
@@ -64,9 +63,20 @@ class PartitionError(JftError, ValueError):
 # --------------------------------------------------------------------------- paths
 
 
-def _flatten(tree: Params) -> dict[str, Any]:
-    """``{"a/b/c": leaf}`` for a nested mapping; anything not a mapping is a leaf."""
-    return traverse_util.flatten_dict(tree, sep="/")
+def _flatten(tree: Params, prefix: str = "") -> dict[str, Any]:
+    """``{"a/b/c": leaf}`` for a nested mapping; anything not a mapping is a leaf.
+
+    flax.traverse_util.flatten_dict does the same, but importing any of flax loads
+    flax.linen, and ``import jft.partition`` stays as light as ``import optax``.
+    Empty subtrees have no leaves, so they vanish (as in flax).
+    """
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            out.update(_flatten(value, f"{prefix}{key}/"))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def _filter(tree: Params, keep: Callable[[str], bool], prefix: str = "") -> dict[str, Any]:
