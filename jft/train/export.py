@@ -1,64 +1,106 @@
-"""Export a run's parameters alone (no optimizer state), for inference and sharing."""
+"""Export a run's model (no optimizer state) for inference and sharing, in any format.
+
+A thin layer over :func:`jft.weights.export`: it resolves a run's workdir or
+checkpoint directory to its variables (the latest good step, or ``step``), the
+model its config builds (for a Hugging Face ``config.json``) and the Hugging Face
+folder it was initialized from (``config.init.path``: its config, tokenizer and
+sentence-transformers files travel with the export).
+"""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
+from typing import Any
 
-import numpy as np
-from flax import traverse_util
+import ml_collections
 
-from jft.train.checkpoint import CheckpointError, read_params
+from jft import weights
+from jft.train import config as config_lib
+from jft.train.checkpoint import CheckpointError, is_checkpoint_dir, read_config, read_params
+
+_BY_SUFFIX = {".safetensors": "safetensors", ".npz": "npz"}
 
 
-def export(src: str | os.PathLike, dst: str | os.PathLike, *, step: int | None = None) -> str:
-    """Writes the model variables of a checkpoint to ``dst``; the format follows its name.
+def export(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    *,
+    format: str | None = None,
+    step: int | None = None,
+    dtype: str | None = None,
+    labels: Sequence[str] | None = None,
+    like: str | os.PathLike | None = None,
+    max_shard_size: int | str = "5GB",
+    overwrite: bool = False,
+) -> str:
+    """Writes the model variables of a run (or of any weights ``src``) to ``dst``.
+
+    Without ``format`` the format follows ``dst``'s name, as before:
 
     - ``*.safetensors``: one file, arrays named by their jft paths
       (``params/backbone/conv1/kernel``, ``batch_stats/backbone/bn1/mean``);
     - ``*.npz``: the same names in a NumPy archive;
-    - anything else: an orbax folder of ``{"params": ..., "batch_stats": ...}``
-      (:func:`jft.weights.save_checkpoint`).
+    - anything else: an orbax folder of ``{"params": ..., "batch_stats": ...}``.
 
-    Read it back with ``jft.weights.read(dst)`` (files) or
-    ``jft.weights.load_checkpoint(dst)`` (folders), and fill a model with
-    ``jft.weights.restore(variables, flat, arch="jft")``. BatchNorm statistics
-    are included: inference needs them.
+    With ``format`` (``"hf"``, ``"timm"``, ``"torchvision"``, ``"keras"``...) the
+    variables go back to a source framework's format; see :func:`jft.weights.export`.
+    Read jft's own formats back with ``jft.weights.read(dst)`` and
+    ``jft.weights.restore(variables, flat, arch="jft")``. BatchNorm statistics are
+    included: inference needs them.
 
     Args:
-      src: a run's workdir or checkpoint directory (the latest good step is used).
-      dst: the file or folder to create; it must not exist.
+      src: a run's workdir or checkpoint directory; or anything
+        :func:`jft.weights.export` takes (a weights file, a Hugging Face folder).
+      dst: the file or folder to create.
+      format: see :data:`jft.weights.export.FORMATS`; None: by ``dst``'s suffix.
       step: the step to export instead of the latest.
+      dtype, labels, max_shard_size, overwrite: see :func:`jft.weights.export`.
+      like: a Hugging Face folder for ``config.json`` and tokenizer; default: the
+        run's ``config.init.path`` when it is one.
 
     Returns:
       The absolute path written.
 
     Raises:
       CheckpointError: ``dst`` exists, or no step of ``src`` can be read (one line).
+      WeightsError: the export itself does not fit (one line, nothing written).
     """
     dst = os.path.abspath(os.fspath(dst))
-    if os.path.lexists(dst):
-        raise CheckpointError(f"{dst}: already exists; jft.train.export does not overwrite")
-    flat = {k: np.ascontiguousarray(v) for k, v in read_params(src, step=step).items()}
-    parent = os.path.dirname(dst)
-    os.makedirs(parent, exist_ok=True)
-    name = dst.lower()
-    if name.endswith((".safetensors", ".npz")):
-        # Write beside it and rename: a reader never sees half a file.
-        tmp = os.path.join(parent, f".{os.path.basename(dst)}.tmp{os.getpid()}")
-        try:
-            if name.endswith(".safetensors"):
-                from safetensors.numpy import save_file
+    if os.path.lexists(dst) and not overwrite:
+        raise CheckpointError(f"{dst}: already exists; pass --overwrite to replace it")
+    if format is None:
+        format = _BY_SUFFIX.get(os.path.splitext(dst)[1].lower(), "orbax")
+    kwargs: dict[str, Any] = dict(
+        dtype=dtype, labels=labels, max_shard_size=max_shard_size, overwrite=overwrite
+    )
+    if not _is_run(src):
+        return weights.export(src, dst, format, like=like, **kwargs)
+    variables = read_params(src, step=step)
+    model, init_folder = _run_model(src, step, variables)
+    like = like if like is not None else init_folder
+    return weights.export(variables, dst, format, model=model, like=like, **kwargs)
 
-                save_file(flat, tmp, metadata={"format": "jft"})
-            else:
-                with open(tmp, "wb") as f:
-                    np.savez(f, **flat)
-            os.replace(tmp, dst)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-    else:
-        from jft.weights import save_checkpoint
 
-        save_checkpoint(dst, traverse_util.unflatten_dict(flat, sep="/"))
-    return dst
+def _is_run(src: str | os.PathLike) -> bool:
+    """A workdir or checkpoint directory (also one without a finished step: its error says so)."""
+    path = os.fspath(src)
+    if is_checkpoint_dir(path):
+        return True
+    weights_like = os.path.isfile(os.path.join(path, "config.json")) or not os.path.isdir(path)
+    return not weights_like
+
+
+def _run_model(
+    src: str | os.PathLike, step: int | None, variables: dict[str, Any]
+) -> tuple[Any, str | None]:
+    """The model the run's stored config builds and its HF init folder; (None, None) if none."""
+    try:
+        config = ml_collections.ConfigDict(read_config(src, step=step))
+        head = variables.get("params/head/kernel")
+        model = config_lib.build_model(config, 0 if head is None else int(head.shape[-1]))
+    except (CheckpointError, config_lib.ConfigError, KeyError, AttributeError, TypeError):
+        return None, None  # an orbax folder of variables, or a config without a model
+    init = str(config.get("init", {}).get("path", "") or "")
+    folder = init if os.path.isfile(os.path.join(init, "config.json")) else None
+    return model, folder

