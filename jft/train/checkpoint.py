@@ -27,6 +27,7 @@ import math
 import os
 import time
 import warnings
+import zlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -166,13 +167,40 @@ def _checksum(x: jax.Array) -> jax.Array:
     return jnp.sum(u * weights, dtype=jnp.uint32)
 
 
+def _finite(x: jax.Array) -> jax.Array:
+    if jnp.issubdtype(x.dtype, jnp.inexact):
+        return jnp.all(jnp.isfinite(x))
+    return jnp.asarray(True)
+
+
 _checksums_jit = jax.jit(lambda tree: jax.tree.map(_checksum, tree))
+_summary_jit = jax.jit(lambda tree: (jax.tree.map(_checksum, tree), jax.tree.map(_finite, tree)))
+
+# The groups of a state that hold parameters and statistics: a NaN or Inf there is
+# poison. (An optimizer state may hold Inf on purpose: reduce_on_plateau's best value.)
+_PARAM_GROUPS = ("trainable", "frozen", "batch_stats", "params")
+_DATA_STATE_KEY = "#data_state"
 
 
 def checksums(state: Any) -> dict[str, int]:
     """A uint32 checksum of each array of ``state``, by path; equal on any topology."""
     sums = jax.device_get(_checksums_jit(state))
     return {path: int(v) for path, v in _flat_with_paths(sums).items()}
+
+
+def _summary(state: Any) -> tuple[dict[str, int], list[str]]:
+    """The checksums of ``state`` and the paths of its parameters that hold NaN or Inf."""
+    sums, finite = jax.device_get(_summary_jit(state))
+    bad = [
+        path
+        for path, ok in _flat_with_paths(finite).items()
+        if not bool(ok) and path.split("/", 1)[0] in _PARAM_GROUPS
+    ]
+    return {path: int(v) for path, v in _flat_with_paths(sums).items()}, bad
+
+
+def _json_checksum(obj: Any) -> int:
+    return zlib.crc32(json.dumps(obj, sort_keys=True).encode())
 
 
 def _jsonable(obj: Any) -> Any:
@@ -192,6 +220,33 @@ def _jsonable(obj: Any) -> Any:
         return repr(o)
 
     return json.loads(json.dumps(obj, default=default))
+
+
+def _why_oserror(e: OSError) -> str:
+    import errno
+
+    known = {errno.ENOSPC: "the disk is full", errno.EROFS: "a read-only file system"}
+    return known.get(e.errno, f"{e.strerror or type(e).__name__}: {e.filename or ''}".strip())
+
+
+class _OrbaxErrorsReported(logging.Filter):
+    """Drops orbax's error logs (tracebacks of its threads): jft raises them as one line.
+
+    ``JFT_DEBUG=1`` keeps them.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if os.environ.get("JFT_DEBUG", "") not in ("", "0"):
+            return True
+        # absl names itself as the caller of logging.exception: orbax's lines also
+        # start with "[process=N]".
+        from_orbax = f"{os.sep}orbax{os.sep}" in (record.pathname or "") or str(
+            record.msg
+        ).startswith("[process=")
+        return not from_orbax
+
+
+_ORBAX_FILTER = _OrbaxErrorsReported()
 
 
 def _reason(e: BaseException) -> str:
@@ -316,6 +371,7 @@ class Checkpointer:
         self._manager: Any = None
         self._writable = False
         self._corrupt: set[int] = set()
+        self._in_flight: int | None = None  # the step of the last save started
 
     # -- orbax plumbing -----------------------------------------------------------------
 
@@ -361,6 +417,9 @@ class Checkpointer:
             self._manager.close()
         if write:
             self._set_aside_corrupt()
+        absl_logger = logging.getLogger("absl")
+        if _ORBAX_FILTER not in absl_logger.filters:
+            absl_logger.addFilter(_ORBAX_FILTER)
         handlers = {
             "state": ocp.StandardCheckpointHandler(),
             **{name: ocp.JsonCheckpointHandler() for name in ITEMS[1:]},
@@ -449,16 +508,53 @@ class Checkpointer:
         step = int(step)
         if not force and not (self.every and step % self.every == 0):
             return False
+        sums, nonfinite = _summary(state)
+        if nonfinite:
+            latest = self.latest_step()
+            kept = (
+                f"the last checkpoint, step {latest}, is kept"
+                if latest is not None
+                else "no checkpoint was written"
+            )
+            raise CheckpointError(
+                f"checkpoint {self.directory} step {step} not written: {nonfinite[0]} holds "
+                f"NaN or Inf; {kept} (check the init weights, lower the learning rate or "
+                "set clip_grad_norm)"
+            )
         manager = self._mngr(write=True)
         if step in manager.all_steps():
             return False
+        data_state = _jsonable(dict(data_state or {}))
+        sums[_DATA_STATE_KEY] = _json_checksum(data_state)
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state),
-            data_state=ocp.args.JsonSave(_jsonable(dict(data_state or {}))),
+            data_state=ocp.args.JsonSave(data_state),
             config=ocp.args.JsonSave(_jsonable(config if config is not None else {})),
-            checksums=ocp.args.JsonSave(checksums(state)),
+            checksums=ocp.args.JsonSave(sums),
         )
-        return bool(manager.save(step, args=args, metrics=self._metrics(metrics), force=True))
+        try:
+            # An asynchronous save that failed (a full disk) raises here, at the next one.
+            started = manager.save(step, args=args, metrics=self._metrics(metrics), force=True)
+        except Exception as e:
+            raise self._write_error(e, step) from None
+        self._in_flight = step
+        return bool(started)
+
+    def _write_error(self, e: BaseException, step: int) -> CheckpointError:
+        failed = self._in_flight if self._in_flight is not None else step
+        self._in_flight = None
+        cause = e
+        while cause.__cause__ is not None or cause.__context__ is not None:
+            if isinstance(cause, OSError):
+                break
+            cause = cause.__cause__ or cause.__context__
+        why = _why_oserror(cause) if isinstance(cause, OSError) else _reason(e)
+        done = [s for s in _step_dirs(self.directory) if s < failed]
+        kept = f"step {done[-1]} is the last complete one" if done else "no step is complete"
+        return CheckpointError(
+            f"checkpoint {self.directory} step {failed} could not be written ({why}); "
+            f"{kept}: free space or choose another --workdir, then run again to resume"
+        )
 
     def _metrics(self, metrics: Mapping[str, Any] | None) -> dict[str, float] | None:
         if not self.best_metric or not metrics or self.best_metric not in metrics:
@@ -472,9 +568,18 @@ class Checkpointer:
         return out if self.best_metric in out else None
 
     def wait(self) -> None:
-        """Blocks until the save in flight (if any) is complete and old steps are deleted."""
+        """Blocks until the save in flight (if any) is complete and old steps are deleted.
+
+        Raises:
+          CheckpointError: the save in flight failed (a full disk): one line naming
+            the step and why.
+        """
         if self._manager is not None:
-            self._manager.wait_until_finished()
+            try:
+                self._manager.wait_until_finished()
+            except Exception as e:
+                raise self._write_error(e, self._in_flight or 0) from None
+            self._in_flight = None
 
     def close(self) -> None:
         """Waits for the save in flight and releases orbax's threads; safe to call twice."""
@@ -531,21 +636,28 @@ class Checkpointer:
         target_flat = _flat_with_paths(target)
         manager = self._mngr()
         failures = []
+        # The newest step whose arrays differ from the model's: a different model, unless
+        # an older step fits (then that step's metadata is damaged).
+        mismatch: str | None = None
         for s in candidates:
             try:
                 stored = _arrays_of(manager.item_metadata(s)["state"])
+                if not stored:
+                    raise ValueError("its array metadata is missing")
             except Exception as e:  # orbax/tensorstore raise many types for bad files
                 failures.append((s, _reason(e)))
                 continue
             problems = _fit_problems(stored, target_flat)
             if problems:
                 more = len(problems) - _MAX_LISTED
-                raise CheckpointError(
+                mismatch = mismatch or (
                     f"checkpoint {self.directory} step {s} does not fit this model: "
                     + "; ".join(problems[:_MAX_LISTED])
                     + (f"; and {more} more" if more > 0 else "")
                     + _pmap_hint(stored, target_flat)
                 )
+                failures.append((s, "its arrays differ from the older steps'"))
+                continue
             try:
                 out = manager.restore(
                     s,
@@ -554,32 +666,69 @@ class Checkpointer:
                         **{name: ocp.args.JsonRestore() for name in ITEMS[1:]},
                     ),
                 )
-                _verify(out["state"], out["checksums"])
+                _verify(out["state"], out["checksums"], out["data_state"])
             except Exception as e:
                 failures.append((s, _reason(e)))
                 continue
+            _refuse_nonfinite(self.directory, s, out["state"], available)
             self._report(failures, s)
             return Restored(
                 out["state"], dict(out["data_state"] or {}), dict(out["config"] or {}), s
             )
-        self._report(failures, None)
-        raise CheckpointError(
-            f"checkpoint {self.directory}: no step could be restored: "
-            + "; ".join(f"step {s}: {r}" for s, r in failures)
+        if mismatch is not None:
+            raise CheckpointError(mismatch)
+        raise CheckpointError(_none_restored(self.directory, failures))
+
+    def _report(self, failures: list[tuple[int, str]], restored: int) -> None:
+        # One warning line for the fallback, naming every step skipped and why.
+        if not failures:
+            return
+        self._corrupt.update(s for s, _ in failures)
+        (first, reason), *more = failures
+        also = "".join(f", and so is step {s} ({r})" for s, r in more)
+        msg = (
+            f"checkpoint {self.directory} step {first} is damaged or incomplete ({reason})"
+            f"{also}; restoring step {restored} instead"
         )
-
-    def _report(self, failures: list[tuple[int, str]], restored: int | None) -> None:
-        for s, reason in failures:
-            self._corrupt.add(s)
-            then = f"; restoring step {restored} instead" if restored is not None else ""
-            msg = f"checkpoint {self.directory} step {s} is damaged or incomplete ({reason}){then}"
-            log.warning(msg)
-            warnings.warn(msg, RuntimeWarning, stacklevel=3)
+        log.warning(msg)
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
 
-def _verify(state: Any, expected: Mapping[str, int] | None) -> None:
+def _none_restored(directory: str, failures: list[tuple[int, str]]) -> str:
+    first_s, first_reason = failures[0]
+    others = ", ".join(str(s) for s, _ in failures[1:])
+    return (
+        f"checkpoint {directory}: no step could be restored: step {first_s} is damaged "
+        f"({first_reason})"
+        + (f", and so are steps {others}" if others else "")
+        + f"; move {directory} aside to start over"
+    )
+
+
+def _refuse_nonfinite(directory: str, step: int, state: Any, steps: Sequence[int]) -> None:
+    _, bad = _summary(state)
+    if not bad:
+        return
+    older = [s for s in steps if s < step]
+    earlier = (
+        f"move {os.path.join(directory, str(step))} aside to resume from step {older[-1]}, "
+        if older
+        else ""
+    )
+    raise CheckpointError(
+        f"checkpoint {directory} step {step} holds NaN or Inf in {bad[0]}: it cannot be "
+        f"resumed; {earlier}or start from scratch in a new workdir"
+    )
+
+
+def _verify(state: Any, expected: Mapping[str, int] | None, data_state: Any = None) -> None:
     if expected is None:
         raise ValueError("its checksums are missing")
+    expected = dict(expected)
+    data_sum = expected.pop(_DATA_STATE_KEY, None)
+    if data_state is not None and data_sum is not None:
+        if _json_checksum(_jsonable(data_state)) != data_sum:
+            raise ValueError("its data_state differs from the one saved (checksum mismatch)")
     got = checksums(state)
     bad = [p for p in expected if got.get(p) != expected[p]]
     if bad or set(got) != set(expected):
@@ -690,14 +839,12 @@ def _restore_untyped(directory: str, step: int | None) -> tuple[dict[str, Any], 
             except Exception as e:
                 failures.append((s, _reason(e)))
                 continue
+            _refuse_nonfinite(directory, s, out["state"], steps)
             ck._report(failures, s)
             return jax.tree.map(np.asarray, out["state"]), s
     finally:
         ck.close()
-    raise CheckpointError(
-        f"checkpoint {directory}: no step could be restored: "
-        + "; ".join(f"step {s}: {r}" for s, r in failures)
-    )
+    raise CheckpointError(_none_restored(directory, failures))
 
 
 def read_params(path: str | os.PathLike, *, step: int | None = None) -> dict[str, np.ndarray]:

@@ -14,7 +14,8 @@ The same step runs on one device (``parallel="none"``), data parallel under
 parameters and optimizer state) or under ``jax.pmap`` (``"pmap"``); see
 :mod:`jft.train.parallel` for placing the state and the batches. It can
 accumulate gradients over microbatches, compute in bfloat16 with float32
-parameters, and skips (and counts) steps whose gradients are not finite.
+parameters, and skips (and counts) steps whose loss, gradients, update or new
+parameters are not finite.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from jft import ops, optim, partition
+from jft import partition
 from jft.train import parallel as parallel_lib
 from jft.train._jit import OptionsJit
 from jft.train.inputs import model_args
@@ -53,8 +54,9 @@ class TrainState:
       batch_stats: the BatchNorm running statistics (``{}`` without BatchNorm).
       opt_state: the :func:`jft.partition.optimizer` state of ``trainable``.
       rng: a raw ``uint32[2]`` PRNG key; step ``t`` uses ``fold_in(rng, t)``.
-      nonfinite: how many steps in a row, up to this one, had non-finite
-        gradients (and so were skipped); an int32 scalar, 0 after a good step.
+      nonfinite: how many steps in a row, up to this one, had a non-finite loss,
+        gradient, update or new parameter (and so were skipped); an int32
+        scalar, 0 after a good step.
     """
 
     step: jax.Array
@@ -111,29 +113,23 @@ def create_train_state(
 
 
 def _learning_rates(opt_state: Any) -> dict[str, jax.Array]:
-    # The learning rate of each rule, named by rule: an `lr` or `learning_rate`
-    # hyperparameter of optax.inject_hyperparams, else the rate of a jft.optim
-    # rule's LearningRateState (which keeps none when the rate is injected).
-    attr, key = jax.tree_util.GetAttrKey, jax.tree_util.DictKey
-    is_rate = lambda x: isinstance(x, optim.LearningRateState)
+    # Learning rates of optimizers built with optax.inject_hyperparams, named by rule.
     found = {}
-    for key_path, leaf in jax.tree_util.tree_flatten_with_path(opt_state, is_leaf=is_rate)[0]:
-        if is_rate(leaf):
-            leaf = leaf.learning_rate
-        elif key_path[-2:] not in (
-            (attr("hyperparams"), key("lr")),
-            (attr("hyperparams"), key("learning_rate")),
+    for key_path, leaf in jax.tree_util.tree_flatten_with_path(opt_state)[0]:
+        if not (
+            len(key_path) >= 2
+            and key_path[-1] == jax.tree_util.DictKey("learning_rate")
+            and key_path[-2] == jax.tree_util.GetAttrKey("hyperparams")
         ):
-            continue
-        if leaf is None:
             continue
         # Name it by its rule: the index that follows PartitionState.inner_states.
         names = [
             str(b.idx)
             for a, b in zip(key_path, key_path[1:], strict=False)
-            if a == attr("inner_states") and isinstance(b, jax.tree_util.SequenceKey)
+            if a == jax.tree_util.GetAttrKey("inner_states")
+            and isinstance(b, jax.tree_util.SequenceKey)
         ]
-        found["/".join(names) or str(len(found))] = jnp.real(leaf).astype(jnp.float32)
+        found["/".join(names) or str(len(found))] = leaf
     if len(found) == 1:
         return {"lr": next(iter(found.values()))}
     return {f"lr/{name}": lr for name, lr in found.items()}
@@ -229,7 +225,8 @@ def make_train_step(
       are independent but differ from one device's (``"jit"`` draws the
       one-device masks).
 
-    A step whose gradients (or loss) are not finite is skipped: the trainable
+    A step whose loss, gradients, update or new parameters are not finite (NaN
+    or Inf) is skipped: the trainable
     parameters, optimizer state and BatchNorm statistics keep their values,
     ``state.nonfinite`` counts the skipped steps in a row (0 after a good step)
     and ``state.step`` still advances, so the next step draws a fresh dropout
@@ -376,10 +373,21 @@ def make_train_step(
 
         if axis_name is not None:
             grads, loss, aux = jax.lax.pmean((grads, loss, aux), axis_name)
-        # On the CPU a barrier keeps XLA from fusing these reductions over the
-        # gradients into the optimizer's elementwise passes (jft.ops).
-        seen = ops.optimization_barrier(grads)
-        finite = _all_finite(seen) & jnp.isfinite(loss)
+        # The barrier keeps XLA from fusing these reductions over the gradients
+        # into the optimizer's elementwise passes, which makes those several
+        # times slower on the CPU.
+        seen = jax.lax.optimization_barrier(grads)
+        # The guard covers the loss, the gradients, the update and the new parameters
+        # (a zero-gradient Adam step with eps=0, lr=inf, NaN weights, an overflow all
+        # leave the gradients finite). The update is computed here only to be checked:
+        # XLA fuses it into the reduction, so the parameters are read once more and
+        # nothing is written; the branch below computes it again, in place.
+        trial, _ = tx.update(seen, state.opt_state, state.trainable)
+        finite = (
+            _all_finite(seen)
+            & jnp.isfinite(loss)
+            & _all_finite(optax.apply_updates(state.trainable, trial))
+        )
 
         def apply(trainable, opt_state):
             updates, opt_state = tx.update(grads, opt_state, trainable)
@@ -409,7 +417,7 @@ def make_train_step(
         if norms:
             metrics["grad_norm"] = optax.global_norm(seen)
             metrics["update_norm"] = update_norm
-            metrics["param_norm"] = optax.global_norm(ops.optimization_barrier(trainable))
+            metrics["param_norm"] = optax.global_norm(jax.lax.optimization_barrier(trainable))
         if learning_rate is None:
             metrics.update(_learning_rates(opt_state))
         elif callable(learning_rate):
