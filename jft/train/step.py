@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from jft import partition
+from jft import ops, optim, partition
 from jft.train import parallel as parallel_lib
 from jft.train._jit import OptionsJit
 from jft.train.inputs import model_args
@@ -113,23 +113,29 @@ def create_train_state(
 
 
 def _learning_rates(opt_state: Any) -> dict[str, jax.Array]:
-    # Learning rates of optimizers built with optax.inject_hyperparams, named by rule.
+    # The learning rate of each rule, named by rule: an `lr` or `learning_rate`
+    # hyperparameter of optax.inject_hyperparams, else the rate of a jft.optim
+    # rule's LearningRateState (which keeps none when the rate is injected).
+    attr, key = jax.tree_util.GetAttrKey, jax.tree_util.DictKey
+    is_rate = lambda x: isinstance(x, optim.LearningRateState)
     found = {}
-    for key_path, leaf in jax.tree_util.tree_flatten_with_path(opt_state)[0]:
-        if not (
-            len(key_path) >= 2
-            and key_path[-1] == jax.tree_util.DictKey("learning_rate")
-            and key_path[-2] == jax.tree_util.GetAttrKey("hyperparams")
+    for key_path, leaf in jax.tree_util.tree_flatten_with_path(opt_state, is_leaf=is_rate)[0]:
+        if is_rate(leaf):
+            leaf = leaf.learning_rate
+        elif key_path[-2:] not in (
+            (attr("hyperparams"), key("lr")),
+            (attr("hyperparams"), key("learning_rate")),
         ):
+            continue
+        if leaf is None:
             continue
         # Name it by its rule: the index that follows PartitionState.inner_states.
         names = [
             str(b.idx)
             for a, b in zip(key_path, key_path[1:], strict=False)
-            if a == jax.tree_util.GetAttrKey("inner_states")
-            and isinstance(b, jax.tree_util.SequenceKey)
+            if a == attr("inner_states") and isinstance(b, jax.tree_util.SequenceKey)
         ]
-        found["/".join(names) or str(len(found))] = leaf
+        found["/".join(names) or str(len(found))] = jnp.real(leaf).astype(jnp.float32)
     if len(found) == 1:
         return {"lr": next(iter(found.values()))}
     return {f"lr/{name}": lr for name, lr in found.items()}
@@ -373,10 +379,9 @@ def make_train_step(
 
         if axis_name is not None:
             grads, loss, aux = jax.lax.pmean((grads, loss, aux), axis_name)
-        # The barrier keeps XLA from fusing these reductions over the gradients
-        # into the optimizer's elementwise passes, which makes those several
-        # times slower on the CPU.
-        seen = jax.lax.optimization_barrier(grads)
+        # On the CPU a barrier keeps XLA from fusing these reductions over the
+        # gradients into the optimizer's elementwise passes (jft.ops).
+        seen = ops.optimization_barrier(grads)
         # The guard covers the loss, the gradients, the update and the new parameters
         # (a zero-gradient Adam step with eps=0, lr=inf, NaN weights, an overflow all
         # leave the gradients finite). The update is computed here only to be checked:
@@ -417,7 +422,7 @@ def make_train_step(
         if norms:
             metrics["grad_norm"] = optax.global_norm(seen)
             metrics["update_norm"] = update_norm
-            metrics["param_norm"] = optax.global_norm(jax.lax.optimization_barrier(trainable))
+            metrics["param_norm"] = optax.global_norm(ops.optimization_barrier(trainable))
         if learning_rate is None:
             metrics.update(_learning_rates(opt_state))
         elif callable(learning_rate):
