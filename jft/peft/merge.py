@@ -1,0 +1,118 @@
+"""Merge adapters into their kernels, and take them out again, in float32.
+
+LoRA: :math:`W' = W + s A B`. DoRA: :math:`W' = (m / n) (W + s A B)` with
+:math:`n = \\lVert W + s A B \\rVert` per output feature. The sums and products
+run in float32 at the highest matmul precision whatever the parameters' dtype,
+and the result is cast back to the kernel's dtype, so a merged model computes
+what the adapter model computes (to float32 rounding).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jft.peft.config import ADAPTER_LEAVES, LoraConfig, LoraError
+
+__all__ = ["delta", "merge", "unmerge"]
+
+_NORM = "lora_weight_norm"  # DoRA's n, kept by merge(keep_adapters=True) for unmerge
+
+
+def _fan_in(module: Mapping[str, Any]) -> int:
+    return int(module["lora_A"].size // module["lora_A"].shape[-1])
+
+
+def _matrices(module: Mapping[str, Any]) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The kernel as a float32 ``(fan_in, out)`` matrix, and :math:`A`, :math:`B` in float32."""
+    kernel = jnp.asarray(module["kernel"], jnp.float32)
+    fan_in = _fan_in(module)
+    a = jnp.asarray(module["lora_A"], jnp.float32).reshape(fan_in, -1)
+    b = jnp.asarray(module["lora_B"], jnp.float32)
+    if kernel.size != fan_in * b.shape[-1]:
+        raise LoraError(
+            f"lora_A {tuple(module['lora_A'].shape)} and lora_B {tuple(b.shape)} do not fit "
+            f"kernel {tuple(kernel.shape)}; the adapter belongs to another model"
+        )
+    return kernel.reshape(fan_in, -1), a, b
+
+
+def delta(module: Mapping[str, Any], config: LoraConfig) -> jax.Array:
+    """:math:`s A B` of one adapted module's parameters, float32, shaped as its kernel."""
+    kernel, a, b = _matrices(module)
+    d = config.scale * jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
+    return d.reshape(jnp.shape(module["kernel"]))
+
+
+def _walk(tree: Mapping[str, Any], fn) -> dict[str, Any]:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            out[key] = fn(value) if "lora_A" in value else _walk(value, fn)
+        else:
+            out[key] = value
+    return out
+
+
+def merge(
+    params: Mapping[str, Any], config: LoraConfig, *, keep_adapters: bool = False
+) -> dict[str, Any]:
+    """The base model's parameters with each adapter merged into its kernel.
+
+    Args:
+      params: parameters with adapters (as :func:`jft.peft.init_adapters` returns).
+      config: the adapters' :class:`~jft.peft.LoraConfig`.
+      keep_adapters: keep the adapter parameters (and DoRA's norms) next to the
+        merged kernels, so that :func:`unmerge` can restore the base exactly.
+
+    Returns:
+      A new tree for the *base* model (not the :class:`~jft.peft.LoraModel`);
+      ``params`` is not modified.
+    """
+
+    def merge_one(module: Mapping[str, Any]) -> dict[str, Any]:
+        kernel = module["kernel"]
+        w, _, _ = _matrices(module)
+        v = w + delta(module, config).reshape(w.shape)
+        out = {k: v_ for k, v_ in module.items() if k not in ADAPTER_LEAVES}
+        if config.use_dora:
+            norm = jnp.linalg.norm(v, axis=0)
+            v = v * (jnp.asarray(module["lora_magnitude"], jnp.float32) / norm)
+            if keep_adapters:
+                out[_NORM] = norm
+        out["kernel"] = v.reshape(jnp.shape(kernel)).astype(jnp.result_type(kernel))
+        if keep_adapters:
+            out.update({k: module[k] for k in ADAPTER_LEAVES if k in module})
+        return out
+
+    return _walk(params, merge_one)
+
+
+def unmerge(merged: Mapping[str, Any], config: LoraConfig) -> dict[str, Any]:
+    """The base parameters (with their adapters) from ``merge(..., keep_adapters=True)``.
+
+    LoRA: :math:`W = W' - s A B`; DoRA: :math:`W = W' n / m - s A B`, with the
+    norms :math:`n` that :func:`merge` kept.
+
+    Raises:
+      LoraError: a DoRA tree merged without ``keep_adapters`` (its norms are lost).
+    """
+
+    def unmerge_one(module: Mapping[str, Any]) -> dict[str, Any]:
+        kernel = module["kernel"]
+        w, _, _ = _matrices(module)
+        if config.use_dora:
+            if _NORM not in module:
+                raise LoraError(
+                    "unmerge of DoRA needs the norms that merge(..., keep_adapters=True) keeps"
+                )
+            w = w * (module[_NORM] / jnp.asarray(module["lora_magnitude"], jnp.float32))
+        w = w - delta(module, config).reshape(w.shape)
+        out = {k: v for k, v in module.items() if k != _NORM}
+        out["kernel"] = w.reshape(jnp.shape(kernel)).astype(jnp.result_type(kernel))
+        return out
+
+    return _walk(merged, unmerge_one)

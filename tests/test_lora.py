@@ -1,0 +1,278 @@
+"""jft.peft: LoRA, rsLoRA and DoRA on a frozen base; targets, costs, merge, errors.
+
+Run with ``-s`` for the FLOPs ratio and the bf16 merge difference.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jft.models
+import jft.peft
+from jft import partition, train
+from jft.peft import LoraConfig, LoraError
+
+BERT = dict(
+    vocab_size=100,
+    hidden_size=32,
+    num_layers=1,
+    num_heads=4,
+    intermediate_size=64,
+    max_position_embeddings=64,
+)
+QV = r"backbone/encoder/layer_\d+/attention/(query|value)"
+
+
+def key(seed=0):
+    # rbg keys: threefry's random init takes seconds to compile on CPU.
+    return jax.random.key(seed, impl="rbg")
+
+
+def nbytes(tree):
+    return sum(x.nbytes for x in jax.tree.leaves(tree))
+
+
+def flops(compiled):
+    cost = compiled.cost_analysis()
+    return (cost[0] if isinstance(cost, list | tuple) else cost)["flops"]
+
+
+def xent(logits, batch):
+    return optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+
+
+def perturbed(params, scale=0.1, seed=1):
+    """Random non-zero adapters (B starts at 0, which would hide a wrong B)."""
+    rng = np.random.default_rng(seed)
+
+    def move(path, x):
+        if str(path[-1].key).startswith("lora_"):
+            return x + jnp.asarray(rng.normal(size=x.shape) * scale, x.dtype)
+        return x
+
+    return jax.tree_util.tree_map_with_path(move, params)
+
+
+@pytest.fixture(scope="module")
+def bert():
+    model = jft.models.get("bert", num_classes=3, **BERT)
+    ids = jnp.asarray(np.random.default_rng(0).integers(1, 100, (4, 12)), jnp.int32)
+    return model, jax.jit(model.init)(key(), ids), ids
+
+
+class Block(nn.Module):
+    """A Conv, a DenseGeneral to (heads, head_dim) and a Dense: every kind LoRA adapts."""
+
+    dtype: object = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        x = nn.Conv(6, (3, 3), strides=(2, 2), padding="SAME", dtype=self.dtype, name="conv")(x)
+        x = x.reshape(x.shape[0], -1, 6)
+        x = nn.DenseGeneral((2, 4), dtype=self.dtype, name="heads")(x)
+        x = x.reshape(*x.shape[:-2], 8)
+        return nn.Dense(3, dtype=self.dtype, name="out")(nn.relu(x)).mean(axis=1)
+
+
+@pytest.fixture(scope="module")
+def block():
+    model = Block()
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 8, 8, 5)), jnp.float32)
+    return model, model.init(key(), x), x
+
+
+# ----------------------------------------------------------------------------- config and targets
+
+
+def test_config_checks_and_scales():
+    assert LoraConfig(targets="q", rank=8, alpha=16).scale == 2.0
+    assert LoraConfig(targets=("q",), rank=16, alpha=8, variant="rslora").scale == 2.0
+    assert LoraConfig(targets=("q",), variant="rsdora").use_dora
+    for bad in (dict(rank=0), dict(dropout=1.0), dict(variant="lokr"), dict(targets=())):
+        with pytest.raises(LoraError, match="lora\\.") as e:
+            LoraConfig(**{"targets": ("q",), **bad})
+        assert "\n" not in str(e.value)
+    with pytest.raises(LoraError, match="not a regex"):
+        LoraConfig(targets=("(",))
+
+
+def test_targets_resolve_and_errors_name_the_thing(bert):
+    _, variables, _ = bert
+    params = variables["params"]
+    found = jft.peft.resolve_targets(params, LoraConfig(targets=(QV, ".*/intermediate/kernel")))
+    assert found == (
+        "backbone/encoder/layer_0/attention/query",
+        "backbone/encoder/layer_0/attention/value",
+        "backbone/encoder/layer_0/intermediate",
+    )
+    with pytest.raises(LoraError, match=r"'backbone/.*/qkv' matches no module path") as e:
+        jft.peft.resolve_targets(params, LoraConfig(targets=("backbone/.*/qkv",)))
+    assert "\n" not in str(e.value)
+    with pytest.raises(LoraError, match="attention_layer_norm.*bias/scale and no kernel"):
+        jft.peft.resolve_targets(params, LoraConfig(targets=(".*layer_0/attention.*",)))
+    with pytest.raises(LoraError, match="word_embeddings.*embedding and no kernel"):
+        jft.peft.resolve_targets(params, LoraConfig(targets=(".*word_embeddings",)))
+
+
+def test_unadaptable_modules_are_one_line_errors():
+    class Grouped(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Conv(4, (1, 1), feature_group_count=2, name="conv")(x)
+
+    x = jnp.ones((1, 2, 2, 4))
+    model = Grouped()
+    variables = model.init(key(), x)
+    with pytest.raises(LoraError, match="conv: LoRA cannot adapt a grouped Conv"):
+        jft.peft.init_adapters(jft.peft.lora(model, LoraConfig(targets=("conv",))), variables, x)
+
+    class Custom(nn.Module):  # a module of its own that holds a kernel
+        @nn.compact
+        def __call__(self, x):
+            return x @ self.param("kernel", nn.initializers.ones, (4, 4))
+
+    class Outer(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return Custom(name="mine")(x)
+
+    model = Outer()
+    variables = model.init(key(), x)
+    with pytest.raises(LoraError, match="mine: LoRA cannot adapt a Custom"):
+        jft.peft.init_adapters(jft.peft.lora(model, LoraConfig(targets=("mine",))), variables, x)
+
+
+def test_adapter_model_without_adapters_says_what_to_do(block):
+    model, variables, x = block
+    with pytest.raises(LoraError, match="out is a LoRA target without adapter parameters.*init_"):
+        jft.peft.lora(model, LoraConfig(targets=("out",))).apply(variables, x)
+
+
+# ----------------------------------------------------------------------------- the adapted model
+
+
+@pytest.mark.parametrize("variant", ["lora", "dora"])
+def test_starts_as_the_base_and_keeps_its_arrays(bert, variant):
+    model, variables, ids = bert
+    config = LoraConfig(targets=(QV,), rank=4, alpha=8, variant=variant)
+    lora = jft.peft.lora(model, config)
+    adapted = jft.peft.init_adapters(lora, variables, ids, rng=key(1))
+    query = adapted["params"]["backbone"]["encoder"]["layer_0"]["attention"]["query"]
+    base_query = variables["params"]["backbone"]["encoder"]["layer_0"]["attention"]["query"]
+    assert query["kernel"] is base_query["kernel"]  # the base is not copied
+    assert query["lora_A"].shape == (32, 4) and query["lora_B"].shape == (4, 32)
+    assert not np.any(query["lora_B"]) and np.all(np.abs(query["lora_A"]) <= 32**-0.5)
+    if variant == "dora":  # the magnitude starts at the norm of each output feature's weights
+        np.testing.assert_allclose(
+            query["lora_magnitude"], np.linalg.norm(base_query["kernel"], axis=0), rtol=1e-6
+        )
+    else:
+        assert "lora_magnitude" not in query
+    base_out = model.apply(variables, ids)
+    np.testing.assert_allclose(lora.apply(adapted, ids), base_out, atol=1e-6)
+    moved = {"params": perturbed(adapted["params"])}
+    change = np.max(np.abs(lora.apply(moved, ids) - base_out))
+    assert change > 1e-4  # the adapters act (float32 rounding is ~1e-7 here)
+    assert jft.peft.strip_adapters(moved["params"]).keys() == variables["params"].keys()
+
+
+def test_dropout_on_the_adapter_input_in_training_only(bert):
+    model, variables, ids = bert
+    base = model.clone(dropout_rate=0.0, attention_dropout_rate=0.0)
+    lora = jft.peft.lora(base, LoraConfig(targets=(QV,), rank=4, dropout=0.5))
+    params = perturbed(jft.peft.init_adapters(lora, variables, ids)["params"])
+    run = lambda seed: lora.apply({"params": params}, ids, train=True, rngs={"dropout": key(seed)})
+    assert np.max(np.abs(run(1) - run(2))) > 1e-4
+    np.testing.assert_array_equal(run(1), run(1))
+    no_dropout = jft.peft.lora(base, LoraConfig(targets=(QV,), rank=4))
+    np.testing.assert_allclose(
+        lora.apply({"params": params}, ids), no_dropout.apply({"params": params}, ids), atol=1e-6
+    )
+
+
+# ----------------------------------------------------------------------------- the frozen base
+
+
+def test_base_is_a_frozen_partition_no_state_and_fewer_flops(bert):
+    model, variables, ids = bert
+    batch = {"input_ids": ids, "label": jnp.asarray([0, 1, 2, 0], jnp.int32)}
+    config = LoraConfig(targets=(QV,), rank=4, alpha=8)
+    lora = jft.peft.lora(model, config)
+    adapted = jft.peft.init_adapters(lora, variables, ids)
+    rules = jft.peft.adapter_rules(optax.adam(1e-2), also=["head/.*"])
+    state = train.create_train_state(jax.tree.map(jnp.array, adapted), rules)
+    trainable = nbytes(jft.peft.adapters(adapted["params"])) + nbytes(adapted["params"]["head"])
+    assert nbytes(state.trainable) == trainable
+    # Adam's mu and nu, and an int32 count for each of the two trained rules: nothing of the base.
+    assert nbytes(state.opt_state) == 2 * trainable + 2 * 4
+    assert not jft.peft.adapters(state.frozen)
+
+    def compiled(m, s, r):
+        step = train.make_train_step(m, r, xent, jit=False, norms=False)
+        return jax.jit(step).lower(s, batch).compile()
+
+    full_rules = [(".*", optax.adam(1e-2))]
+    full = flops(compiled(model, train.create_train_state(variables, full_rules), full_rules))
+    step = compiled(lora, state, rules)
+    with_lora = flops(step)
+    print(f"\nBERT 1x32 batch 4x12 step FLOPs: full {full:.3g}, LoRA r=4 {with_lora:.3g}, ")
+    print(f"ratio {with_lora / full:.3f}")
+    # No kernel gradient: about 2/3 of full fine-tuning's forward + 2 backward products.
+    assert with_lora < 0.8 * full
+
+    frozen_before = jax.tree.map(np.array, state.frozen)
+    for _ in range(2):
+        state, metrics = step(state, batch)
+    assert np.isfinite(metrics["loss"])
+    jax.tree.map(np.testing.assert_array_equal, state.frozen, frozen_before)
+    b = state.trainable["backbone"]["encoder"]["layer_0"]["attention"]["value"]["lora_B"]
+    assert np.any(np.asarray(b))  # the adapters trained
+
+
+# ----------------------------------------------------------------------------- merge
+
+
+@pytest.mark.parametrize("variant", ["lora", "rslora", "dora"])
+def test_merge_equals_adapter_model_and_unmerges(block, variant):
+    model, variables, x = block
+    config = LoraConfig(targets=("conv", "heads", "out"), rank=2, alpha=4, variant=variant)
+    lora = jft.peft.lora(model, config)
+    params = perturbed(jft.peft.init_adapters(lora, variables, x)["params"], scale=0.3)
+    assert params["conv"]["lora_A"].shape == (3, 3, 5, 2)  # a conv kernel of r channels
+    assert params["heads"]["lora_A"].shape == (6, 2) and params["heads"]["lora_B"].shape == (2, 8)
+    out = lora.apply({"params": params}, x)
+    merged = jft.peft.merge(params, config)
+    assert not jft.peft.adapters(merged)
+    np.testing.assert_allclose(model.apply({"params": merged}, x), out, atol=1e-5, rtol=0)
+    assert np.max(np.abs(out - model.apply(variables, x))) > 1e-2
+    kept = jft.peft.merge(params, config, keep_adapters=True)
+    back = jft.peft.unmerge(kept, config)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), back, params)
+    if variant == "dora":
+        with pytest.raises(LoraError, match="keep_adapters=True"):
+            jft.peft.unmerge(partition.merge(merged, jft.peft.adapters(params)), config)
+
+
+def test_merge_in_float32_and_bf16_difference(bert):
+    model, variables, ids = bert
+    config = LoraConfig(targets=(QV, ".*/intermediate"), rank=4, alpha=8, variant="dora")
+    lora = jft.peft.lora(model, config)
+    params = perturbed(jft.peft.init_adapters(lora, variables, ids)["params"])
+    bf16 = jax.tree.map(lambda p: p.astype(jnp.bfloat16), params)
+    merged = jft.peft.merge(bf16, config)
+    kernel = merged["backbone"]["encoder"]["layer_0"]["attention"]["query"]["kernel"]
+    assert kernel.dtype == jnp.bfloat16
+    # The merge itself runs in float32: equal to the float32 merge rounded once.
+    exact = jft.peft.merge(jax.tree.map(lambda p: p.astype(jnp.float32), bf16), config)
+    want = exact["backbone"]["encoder"]["layer_0"]["attention"]["query"]["kernel"]
+    np.testing.assert_array_equal(kernel, want.astype(jnp.bfloat16))
+    lora16, model16 = lora.clone(dtype=jnp.bfloat16), model.clone(dtype=jnp.bfloat16)
+    assert lora16.base.dtype == jnp.bfloat16
+    a = np.asarray(lora16.apply({"params": params}, ids), np.float32)
+    b = np.asarray(model16.apply({"params": jft.peft.merge(params, config)}, ids), np.float32)
+    diff = float(np.max(np.abs(a - b)))
+    print(f"\n[bf16] merged vs adapter model, BERT 1x32 DoRA logits: max |diff| {diff:.2e}")
+    assert diff < 0.1
