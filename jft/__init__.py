@@ -13,11 +13,11 @@ from typing import TYPE_CHECKING
 from jft import errors
 
 if TYPE_CHECKING:  # what the lazy __getattr__ below returns, for type checkers and IDEs
-    from jft import data, models, optim, partition, train, weights
+    from jft import data, models, optim, partition, peft, train, weights
 
 __version__ = "0.1.0"
 
-_SUBPACKAGES = ("data", "models", "optim", "partition", "train", "weights")
+_SUBPACKAGES = ("data", "models", "optim", "partition", "peft", "train", "weights")
 
 __all__ = [
     "__version__",
@@ -26,6 +26,7 @@ __all__ = [
     "models",
     "optim",
     "partition",
+    "peft",
     "train",
     "weights",
 ]
