@@ -1,4 +1,4 @@
-"""The ``jft`` command: ``jft train | eval | convert | inspect | config | recipes``.
+"""The ``jft`` command: ``jft train | eval | convert | export | inspect | config | recipes``.
 
 Thin by design: it parses flags and calls the library. ``jft train`` runs a
 recipe's ``get_config()``, applies ``--config.KEY=VALUE`` overrides with
@@ -235,6 +235,25 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from jft import train
+
+    labels = [x for x in args.labels.split(",") if x] if args.labels else None
+    dst = train.export(
+        args.src,
+        args.dest,
+        format=args.format,
+        step=args.step,
+        dtype=args.dtype,
+        labels=labels,
+        like=args.like,
+        max_shard_size=args.max_shard_size,
+        overwrite=args.overwrite,
+    )
+    print(f"wrote {dst} ({args.format})")
+    return 0
+
+
 def _inspect(args: argparse.Namespace) -> int:
     import re
 
@@ -403,6 +422,25 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="", help="fill this jft model (checks shapes)")
     p.add_argument("--skip", action="append", default=[], help="regex of variables to keep new")
     p = sub.add_parser(
+        "export",
+        help="write a run, checkpoint or weights back to hf, timm, torchvision, keras...",
+        description="Export a run (its latest checkpoint, or --step N), a checkpoint folder, "
+        "a weights file or a Hugging Face folder in the format its framework loads.",
+    )
+    p.add_argument("src")
+    p.add_argument("dest")
+    p.add_argument(
+        "--format",
+        required=True,
+        choices=("hf", "timm", "torchvision", "keras", "safetensors", "npz", "orbax"),
+    )
+    p.add_argument("--step", type=int, default=None, help="a run's step (default: latest)")
+    p.add_argument("--dtype", default=None, choices=("bfloat16", "float16", "float32"))
+    p.add_argument("--labels", default="", help="class names of the head, comma-separated")
+    p.add_argument("--like", default=None, help="HF folder for config.json and tokenizer")
+    p.add_argument("--max-shard-size", default="5GB", help="hf shard size (5GB, 200MB...)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing DEST")
+    p = sub.add_parser(
         "inspect", help="parameter paths, shapes and dtypes of a weights file or checkpoint"
     )
     p.add_argument("path")
@@ -453,6 +491,7 @@ def main(argv: list[str] | None = None) -> int:
         "recipes": _recipes,
         "eval": _eval,
         "convert": _convert,
+        "export": _export,
         "inspect": _inspect,
     }
     try:

@@ -486,3 +486,51 @@ def test_vgg_exports_no_hf_bert_no_keras(tmp_path):
     with pytest.raises(WeightsError, match="a bert model does not export to format 'timm'"):
         jft.weights.export(src, tmp_path / "b.safetensors", "timm")
     assert json.load(open(os.path.join(src, "config.json")))["model_type"] == "bert"
+
+
+# ----------------------------------------------------------------------------- the command
+
+
+def test_cli_export(tmp_path, monkeypatch, capsys):
+    """``jft export`` on a run (latest or --step), an HF folder; its mistakes: one line, exit 2."""
+    from jft.cli import main
+
+    monkeypatch.setenv("JFT_DATA_DIR", os.fspath(tmp_path / "tfds"))
+    run = os.fspath(tmp_path / "run")
+    args = ["--config=digits_mlp", f"--workdir={run}", "--config.num_steps=4"]
+    args += ["--config.eval_every=2", "--config.checkpoint.every=2", "--config.progress=False"]
+    assert main(["train", *args]) == 0
+    capsys.readouterr()
+
+    out = os.fspath(tmp_path / "run.safetensors")
+    assert main(["export", run, out, "--format", "safetensors", "--step", "2"]) == 0
+    assert "params/head/kernel" in jft.weights.read(out)
+    latest = os.fspath(tmp_path / "latest.npz")
+    assert main(["export", run, latest, "--format", "npz", "--dtype", "float16"]) == 0
+    assert jft.weights.read(latest)["params/head/kernel"].dtype == np.float16
+
+    src = os.fspath(tmp_path / "bert")
+    randomize(transformers.BertModel(transformers.BertConfig(**BERT_CFG))).save_pretrained(src)
+    dest = os.fspath(tmp_path / "bert-out")
+    assert main(["export", src, dest, "--format", "hf", "--max-shard-size", "30KB"]) == 0
+    assert os.path.exists(os.path.join(dest, "model.safetensors.index.json"))
+    hf_load(transformers.AutoModel, dest)
+    capsys.readouterr()
+
+    empty = tmp_path / "empty-run"
+    empty.mkdir()
+    (tmp_path / "a-file").write_text("x")
+    before = sorted(os.listdir(tmp_path))
+    st = ["--format", "safetensors"]
+    mistakes = [
+        ([os.fspath(empty), os.fspath(tmp_path / "x.safetensors"), *st], "no finished checkpoint"),
+        ([run, out, *st], "already exists; pass --overwrite"),
+        ([run, os.fspath(tmp_path / "x.safetensors"), "--step", "3", *st], "has no step 3"),
+        ([src, os.fspath(tmp_path / "x.h5"), "--format", "keras"], "does not export to format"),
+        ([run, os.fspath(tmp_path / "a-file" / "x.safetensors"), *st], "cannot write there"),
+    ]
+    for argv, needle in mistakes:
+        assert main(["export", *argv]) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert needle in err and len(err.splitlines()) == 1, err
+    assert sorted(os.listdir(tmp_path)) == before
