@@ -15,6 +15,9 @@ with ``init.path = "stage:<name>"`` (see :func:`jft.train.train_and_evaluate`).
 from __future__ import annotations
 
 import inspect
+import math
+import os
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -23,8 +26,19 @@ import optax
 
 from jft import data, models, optim
 from jft.errors import JftError
+from jft.train import losses
 
-__all__ = ["ConfigError", "build_optimizer", "build_rules", "default_config", "resolve"]
+__all__ = [
+    "ConfigError",
+    "build_optimizer",
+    "build_rules",
+    "check_run",
+    "default_config",
+    "optimizer_keys",
+    "resolve",
+    "validate",
+    "validate_stages",
+]
 
 _OPEN = ("model", "optimizer", "distributed")
 
@@ -147,7 +161,220 @@ def resolve(config: Mapping[str, Any] | ml_collections.ConfigDict) -> ml_collect
         )
     if out.num_steps < 1:
         raise ConfigError(f"config key 'num_steps' must be >= 1, got {out.num_steps}")
+    validate(out)
     return out
+
+
+# The scalar metrics the eval step reports (``top_5`` when there are >= 5 classes).
+EVAL_METRICS = (
+    "eval/accuracy",
+    "eval/f1",
+    "eval/loss",
+    "eval/precision",
+    "eval/recall",
+    "eval/top_5",
+)
+
+
+def _need(ok: bool, key: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise ConfigError(f"config key '{key}' is {value!r}; it must be {expected}")
+
+
+def _finite_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Checks every value of a resolved run config, without touching data, files or devices.
+
+    :func:`resolve` calls it, so a mistake is reported in the time it takes to
+    import jft, before any data is prepared, anything is compiled or written.
+    The optimizer, the schedule's learning rate and the loss are built here, so
+    their own checks run (``momentum=1.5``, ``b1=1.0``, an unknown loss).
+
+    Raises:
+      ConfigError: one line naming the key, its value and what it must be.
+      jft.data.DataError: a bad ``config.data`` key.
+    """
+    c = config
+    for key in ("log_every", "grad_accum_steps", "max_nonfinite_steps", "checkpoint.keep"):
+        group, _, leaf = key.rpartition(".")
+        value = (c[group] if group else c)[leaf]
+        # max_nonfinite_steps=1 stops at the first non-finite step; 0 would stop a healthy run.
+        _need(value >= 1, key, value, "an integer >= 1")
+    for key in ("eval_every", "checkpoint.every", "schedule.warmup_steps"):
+        group, _, leaf = key.rpartition(".")
+        value = (c[group] if group else c)[leaf]
+        _need(value >= 0, key, value, "an integer >= 0 (0: never)" if "every" in key else ">= 0")
+    _need(
+        _finite_number(c.clip_grad_norm) and c.clip_grad_norm >= 0,
+        "clip_grad_norm",
+        c.clip_grad_norm,
+        "a finite number >= 0 (0: no clipping)",
+    )
+    _need(
+        _finite_number(c.schedule.end_factor) and c.schedule.end_factor >= 0,
+        "schedule.end_factor",
+        c.schedule.end_factor,
+        "a finite number >= 0",
+    )
+    d = data.config.resolve(c.data)
+    _need(d["num_workers"] >= 0, "data.num_workers", d["num_workers"], ">= 0 (0: no threads)")
+    _need(d["prefetch"] >= 1, "data.prefetch", d["prefetch"], ">= 1")
+    if d["batch_size"] % c.grad_accum_steps:
+        raise ConfigError(
+            f"config key 'grad_accum_steps' is {c.grad_accum_steps}, which does not divide "
+            f"data.batch_size={d['batch_size']}; choose a divisor of the batch size"
+        )
+    _check_loss(c)
+    _check_lr(c)
+    build_optimizer(c)
+    for regex in c.frozen:
+        try:
+            re.compile(regex)
+        except (re.error, TypeError) as e:
+            raise ConfigError(f"config key 'frozen' has an invalid regex {regex!r}: {e}") from None
+    best = c.checkpoint.best_metric
+    if best and best not in EVAL_METRICS:
+        raise ConfigError(
+            f"config key 'checkpoint.best_metric' is {best!r}, which the evaluation does not "
+            f"report; choose one of {', '.join(EVAL_METRICS)} (or '' for the latest)"
+        )
+
+
+def _check_loss(c: ml_collections.ConfigDict) -> None:
+    kwargs = {k: v for k, v in c.loss.items() if k != "name"}
+    if c.loss.name not in losses.names():
+        raise ConfigError(
+            f"config key 'loss.name' is {c.loss.name!r}; known: {', '.join(losses.names())}"
+        )
+    smoothing = kwargs.get("label_smoothing", 0.0)
+    _need(
+        _finite_number(smoothing) and 0 <= smoothing < 1,
+        "loss.label_smoothing",
+        smoothing,
+        "in [0, 1) (0: none)",
+    )
+    try:
+        losses.get(c.loss.name, **kwargs)
+    except ValueError as e:
+        raise ConfigError(f"config key 'loss': {e}") from None
+
+
+def _check_lr(c: ml_collections.ConfigDict) -> None:
+    # Checked here, not only by the rule: a schedule hides a bad peak from it.
+    for key in ("lr", "learning_rate"):
+        if key in c.optimizer:
+            lr = c.optimizer[key]
+            _need(
+                _finite_number(lr) and lr >= 0,
+                f"optimizer.{key}",
+                lr,
+                "a finite number >= 0 (e.g. 1e-3)",
+            )
+
+
+def validate_stages(config: Mapping[str, Any] | ml_collections.ConfigDict) -> None:
+    """Resolves and validates every stage of a staged config before the first one runs.
+
+    Raises:
+      ConfigError: a stage that is missing, an ``init.path = "stage:<name>"`` that
+        names no earlier stage, or a mistake in any stage (prefixed with its name).
+    """
+    done: list[str] = []
+    for name in config["stages"]:
+        if name not in config:
+            raise ConfigError(f"config.stages names '{name}', but config.{name} is missing")
+        sub = _plain(config[name])
+        init = str(sub.get("init", {}).get("path", "") or "")
+        if init.startswith("stage:") and init.removeprefix("stage:") not in done:
+            raise ConfigError(
+                f"config.{name}.init.path names stage '{init.removeprefix('stage:')}', "
+                "which does not run before it"
+            )
+        if init.startswith("stage:"):
+            sub["init"]["path"] = ""  # a folder that exists once the earlier stage ran
+        try:
+            resolve(sub)
+        except ConfigError as e:
+            raise ConfigError(f"stage '{name}': {e}") from None
+        done.append(name)
+
+
+def check_run(config: ml_collections.ConfigDict, info: Any, model: Any, workdir: str) -> None:
+    """The checks that need the data set's sizes, the model's parameters or the workdir.
+
+    Run once the data source is open and the model is built, before anything is
+    compiled or written: the batch against the split, the frozen rules against
+    the parameters (traced with ``jax.eval_shape``, not compiled), the best
+    metric against the classes, and ``num_steps`` against a checkpoint already
+    in ``workdir``.
+
+    Raises:
+      ConfigError: one line naming the key and what to do.
+    """
+    split = config.data.train_split
+    n = info.num_examples.get(split)
+    if n is not None and config.data.batch_size > n:
+        raise ConfigError(
+            f"config key 'data.batch_size' is {config.data.batch_size}, but the train split "
+            f"{split!r} of {info.name} has {n} examples; set data.batch_size <= {n}"
+        )
+    if config.checkpoint.best_metric == "eval/top_5" and (info.num_classes or 0) < 5:
+        raise ConfigError(
+            f"config key 'checkpoint.best_metric' is 'eval/top_5', but {info.name} has "
+            f"{info.num_classes} classes, so the evaluation does not report it; use eval/accuracy"
+        )
+    if config.frozen:
+        _check_frozen(config, info, model)
+    steps = _checkpoint_steps(os.path.join(workdir, "checkpoints"))
+    if steps and steps[-1] > config.num_steps:
+        raise ConfigError(
+            f"config key 'num_steps' is {config.num_steps}, but {workdir}/checkpoints already "
+            f"holds step {steps[-1]}; set num_steps >= {steps[-1]} to continue that run, "
+            "or use a new workdir"
+        )
+
+
+def _checkpoint_steps(directory: str) -> list[int]:
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return []
+    return sorted(int(d) for d in names if d.isdigit() and os.path.isdir(f"{directory}/{d}"))
+
+
+def _check_frozen(config: ml_collections.ConfigDict, info: Any, model: Any) -> None:
+    import jax
+    import numpy as np
+    from flax import traverse_util
+
+    from jft.train.inputs import TEXT_KEYS, inputs_for
+
+    example = {k: np.zeros((1, *shape), dtype) for k, (shape, dtype) in info.features.items()}
+    inputs = inputs_for(info.features)
+    if isinstance(inputs, str):
+        args, kwargs = (example[inputs],), {}
+    else:
+        args, kwargs = (), inputs({k: v for k, v in example.items() if k in TEXT_KEYS})
+    shapes = jax.eval_shape(
+        lambda: model.init(jax.random.key(0), *args, train=False, **kwargs)
+    )  # traced, never compiled
+    paths = list(traverse_util.flatten_dict(dict(shapes.get("params", {})), sep="/"))
+    rules = [re.compile(r) for r in config.frozen]
+    frozen = [p for p in paths if any(r.fullmatch(p) for r in rules)]
+    for regex, rule in zip(config.frozen, rules, strict=True):
+        if not any(rule.fullmatch(p) for p in paths):
+            raise ConfigError(
+                f"config key 'frozen' has {regex!r}, which matches no parameter of "
+                f"{config.model.name} (e.g. {', '.join(paths[:3])}); fix or remove it"
+            )
+    if paths and len(frozen) == len(paths):
+        raise ConfigError(
+            f"config key 'frozen' = {tuple(config.frozen)} freezes all {len(paths)} parameters "
+            f"of {config.model.name}: nothing left to train; narrow it (e.g. 'backbone/.*')"
+        )
 
 
 def _schedule(config: ml_collections.ConfigDict, lr: float) -> optax.ScalarOrSchedule:
@@ -174,6 +401,28 @@ def _schedule(config: ml_collections.ConfigDict, lr: float) -> optax.ScalarOrSch
     )
 
 
+def _rules() -> list[str]:
+    """The update rules ``optimizer.name`` may name (jft.optim's standalone optimizers)."""
+    return [
+        n
+        for n in optim.__all__
+        if n[0].islower() and not n.startswith("scale_by") and n != "reduce_on_plateau"
+    ]
+
+
+def optimizer_keys() -> frozenset[str]:
+    """Every key a ``config.optimizer`` group may hold: ``name``, ``lr`` and any rule's arguments.
+
+    An override may set any argument of the chosen rule even when the recipe
+    does not (``--config.optimizer.momentum=0.5`` for ``heavy_ball``);
+    :func:`build_optimizer` then checks it against the rule that ``name`` chooses.
+    """
+    keys = {"name", "lr"}
+    for rule in _rules():
+        keys.update(inspect.signature(getattr(optim, rule)).parameters)
+    return frozenset(keys)
+
+
 def build_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
     """The trainable parameters' optimizer: ``jft.optim.<name>`` with the schedule and clipping.
 
@@ -183,18 +432,16 @@ def build_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransfor
     kwargs = dict(config.optimizer)
     name = kwargs.pop("name")
     factory = getattr(optim, name, None)
-    standalone = [
-        n
-        for n in optim.__all__
-        if n[0].islower() and not n.startswith("scale_by") and n != "reduce_on_plateau"
-    ]
+    standalone = _rules()
     if name not in standalone or not callable(factory):
         known = standalone
         raise ConfigError(f"unknown optimizer '{name}' (optimizer.name); known: {', '.join(known)}")
     params = inspect.signature(factory).parameters
     lr_name = next(iter(params))
+    given = {k: k for k in kwargs}  # factory argument -> config key
     if "lr" in kwargs and lr_name != "lr":
         kwargs[lr_name] = kwargs.pop("lr")
+        given[lr_name] = given.pop("lr")
     for key in kwargs:
         if key not in params:
             raise ConfigError(
@@ -202,7 +449,14 @@ def build_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransfor
             )
     if lr_name in kwargs:
         kwargs[lr_name] = _schedule(config, float(kwargs[lr_name]))
-    tx = factory(**kwargs)
+    try:
+        tx = factory(**kwargs)
+    except (TypeError, ValueError) as e:
+        # The rule's own check names its argument ("momentum must be in [0, 1), got ...").
+        msg = " ".join(str(e).split())
+        key = next((k for k in given if msg.startswith(k) or f"{k}=" in msg), None)
+        where = f"config key 'optimizer.{given[key]}'" if key else f"config.optimizer ({name})"
+        raise ConfigError(f"{where}: {msg}") from None
     if config.clip_grad_norm:
         tx = optax.chain(optax.clip_by_global_norm(config.clip_grad_norm), tx)
     return tx

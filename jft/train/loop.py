@@ -142,6 +142,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     info = data.info(config.data)
     compute_dtype = jnp.bfloat16 if config.compute_dtype == "bfloat16" else None
     model = config_lib.build_model(config, info.num_classes, compute_dtype)
+    config_lib.check_run(config, info, model, workdir)  # before anything is compiled or written
     rules = config_lib.build_rules(config)
     inputs = inputs_for(info.features)
     loss_fn = losses.get(config.loss.name, **{k: v for k, v in config.loss.items() if k != "name"})
@@ -394,6 +395,7 @@ def train_and_evaluate(
         return run_quadratic(ml_collections.ConfigDict(config), os.fspath(workdir))
     if "stages" in config and config["stages"]:
         config = ml_collections.ConfigDict(config)
+        config_lib.validate_stages(config)  # every stage, before the first one runs
         return _run_stages(config, os.fspath(workdir))
     return _train(config_lib.resolve(config), os.fspath(workdir))
 
