@@ -103,6 +103,28 @@ def torch_save(module: torch.nn.Module, path: str) -> str:
     return path
 
 
+def save_run(workdir, variables, model, init_path):
+    """A run's checkpoint of ``variables`` with the config that builds ``model``."""
+    import ml_collections
+
+    from jft.train.checkpoint import Checkpointer
+
+    config = jft.train.default_config()
+    fields = ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size")
+    fields += ("max_position_embeddings", "dropout_rate", "attention_dropout_rate")
+    config.model = ml_collections.ConfigDict(
+        {"name": "bert", "num_classes": 0, **{f: getattr(model, f) for f in fields}}
+    )
+    config.init.path = init_path
+    state = jft.train.create_train_state(
+        jax.tree.map(jnp.array, variables), [(".*", jft.optim.adam(1e-3))]
+    )
+    ck = Checkpointer(os.path.join(workdir, "checkpoints"), every=1)
+    ck.save(1, state, data_state={}, config=config)
+    ck.close()
+    return os.fspath(workdir)
+
+
 # ----------------------------------------------------------------------------- BERT
 
 
@@ -115,9 +137,13 @@ def test_bert_model_to_hf(tmp_path):
     model, variables = from_pretrained(src, dropout_rate=0.0, attention_dropout_rate=0.0)
     ids, mask, types = text_batch()
     variables = finetune(model, variables, (ids, mask, types))
-    for name, shard in (("single", "5GB"), ("sharded", "20KB")):
+    run = save_run(tmp_path / "run", variables, model, init_path=src)
+    for name, shard in (("single", "5GB"), ("sharded", "20KB"), ("from-run", "5GB")):
         dest = os.fspath(tmp_path / name)
-        jft.weights.export(variables, dest, "hf", model=model, like=src, max_shard_size=shard)
+        if name == "from-run":  # a run: its config builds the model, init.path gives config.json
+            jft.train.export(run, dest, format="hf")
+        else:
+            jft.weights.export(variables, dest, "hf", model=model, like=src, max_shard_size=shard)
         assert os.path.exists(os.path.join(dest, "model.safetensors.index.json")) == (
             name == "sharded"
         )
