@@ -430,3 +430,23 @@ def test_convert_checks_the_destination_and_arch_before_reading(tmp_path):
     with pytest.raises(WeightsError, match="unknown arch 'nosucharch'"):
         jft.weights.restore({"params": {}}, {}, arch="nosucharch")
     assert sorted(os.listdir(tmp_path)) == ["file", "w.npz"]
+
+
+def test_jft_named_weights_refuse_another_arch(tmp_path, resnet_setup):
+    from flax import traverse_util
+
+    _, variables = resnet_setup
+    flat = {k: np.asarray(v) for k, v in traverse_util.flatten_dict(variables, sep="/").items()}
+    path = tmp_path / "w.npz"
+    np.savez(path, **flat)
+    for arch in ("vgg", "resnet"):
+        with pytest.raises(WeightsError, match="named by jft paths") as e:
+            jft.weights.convert(path, tmp_path / "out", arch=arch)
+        assert f"arch={arch!r}" in str(e.value) and "arch='jft'" in str(e.value)
+        with pytest.raises(WeightsError, match="named by jft paths"):
+            jft.weights.restore(variables, flat, arch=arch)
+    assert not (tmp_path / "out").exists()
+    restored, _ = jft.weights.restore(variables, flat, arch="jft")
+    np.testing.assert_array_equal(
+        restored["params"]["head"]["kernel"], variables["params"]["head"]["kernel"]
+    )

@@ -15,7 +15,14 @@ from flax import traverse_util
 
 from jft.weights import keymaps
 from jft.weights.readers import read
-from jft.weights.restore import RestoreReport, WeightsError, check_finite, keymap, restore
+from jft.weights.restore import (
+    RestoreReport,
+    WeightsError,
+    check_finite,
+    check_layout,
+    keymap,
+    restore,
+)
 
 
 def infer_arch(flat: Mapping[str, np.ndarray]) -> str:
@@ -88,6 +95,7 @@ def convert(
     flat = read(src)
     arch = arch or infer_arch(flat)
     if model is None:
+        check_layout(flat, arch, os.fspath(src))
         mapped, unused = keymap(arch)(flat)
         if not mapped:
             raise WeightsError(f"{os.fspath(src)}: no array fits arch={arch!r}; is arch right?")

@@ -72,6 +72,24 @@ def keymap(arch: str) -> keymaps.KeyMap:
         raise WeightsError(f"{e} (init.arch, or --arch of jft convert)") from None
 
 
+def check_layout(flat: Mapping[str, Any], arch: str, source: str | None = None) -> None:
+    """Refuses a source-framework ``arch`` for arrays already named by jft paths.
+
+    Another key map could take such names for its own (a Keras map reads
+    ``params/backbone/fc7/kernel`` as a layer and picks the wrong one as the
+    head), so jft-named files are read with ``arch="jft"`` only.
+    """
+    if arch != "jft" and flat and all(str(k).startswith(_JFT_COLLECTIONS) for k in flat):
+        raise WeightsError(
+            f"{source or 'the weights'}: the arrays are named by jft paths "
+            f"({next(iter(flat))}), so arch={arch!r} does not apply; use arch='jft' "
+            "(--arch jft, init.arch='jft') or leave it empty"
+        )
+
+
+_JFT_COLLECTIONS = ("params/", "batch_stats/")
+
+
 def _finite(value: Any) -> bool:
     if not jnp.issubdtype(np.asarray(value).dtype, jnp.inexact):
         return True
@@ -134,6 +152,7 @@ def restore(
         restoring is where they are refused.)
     """
     patterns = _compile(skip)
+    check_layout(flat, arch, source)
     mapped, unused = keymap(arch)(flat)
     target = traverse_util.flatten_dict(unfreeze(dict(variables)), sep="/")
 
