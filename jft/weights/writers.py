@@ -157,6 +157,8 @@ def write_torch(path: str, tensors: Mapping[str, Any], dtype: np.dtype | None = 
     state = {}
     for name, value in tensors.items():
         value = cast(value, dtype)
+        if not value.flags.writeable:  # a view of a memory-mapped file: torch wants its own
+            value = value.copy()
         if value.dtype == np.dtype(ml_dtypes.bfloat16):
             state[name] = torch.from_numpy(value.view(np.int16)).view(torch.bfloat16)
         else:

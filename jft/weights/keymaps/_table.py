@@ -200,7 +200,9 @@ class Table:
         """jft paths -> (source names in this layout, jft paths no rule takes); never raises.
 
         The order follows the rules (then the numbers in the names), as a PyTorch
-        ``state_dict`` lists modules.
+        ``state_dict`` lists modules. Values are views of ``mapped`` where the
+        layout change allows, and a fused tensor is a :class:`Concatenated`
+        (``np.asarray`` joins it), so nothing model-sized is copied here.
         """
         ctx = ctx or {}
         out: dict[tuple, tuple[str, Array]] = {}
@@ -224,7 +226,7 @@ class Table:
                         continue  # a fused tensor needs all its parts
                     values = dict(key)
                     parts = [leaf.to_src(np.asarray(mapped[p]), ctx) for p in paths]
-                    value = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
+                    value = parts[0] if len(parts) == 1 else Concatenated(parts)
                     top = rule.top or not self.prefix
                     name = _join(
                         "" if top else self.prefix.rstrip(self.sep),
@@ -241,6 +243,26 @@ class Table:
                         out[(r, order[1], len(rule.kind))] = (cname, np.zeros((), np.int64))
         flat = {name: value for _, (name, value) in sorted(out.items(), key=_order)}
         return flat, [p for p in mapped if p not in taken]
+
+
+class Concatenated:
+    """Arrays joined along axis 0 when read (``np.asarray``), not before.
+
+    The export of a fused tensor (timm's ``qkv``) stays three views until its
+    writer asks for it, so a file is written holding one joined tensor at a time.
+    """
+
+    def __init__(self, parts: Sequence[Array]):
+        self.parts = list(parts)
+        self.dtype = np.result_type(*parts)
+        self.shape = (sum(p.shape[0] for p in parts), *parts[0].shape[1:])
+        self.ndim = len(self.shape)
+        self.nbytes = int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+    def __array__(self, dtype: Any = None, copy: bool | None = None) -> Array:
+        del copy
+        out = np.concatenate(self.parts, axis=0)
+        return out if dtype is None else out.astype(dtype)
 
 
 def _order(item: tuple[tuple, Any]) -> tuple:
