@@ -271,3 +271,22 @@ def test_command_override_sets_an_argument_the_recipe_does_not_name(tmp_path):
     out, _ = _cli("config", "digits_mlp", *override)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "optimizer.momentum = 0.5" in out.stdout.splitlines()
+
+
+def test_init_weights_with_nan_are_refused_naming_tensor_and_file(tmp_path):
+    import numpy as np
+    from flax import traverse_util
+
+    model = jft.models.get("mlp", widths=(8,), num_classes=10)
+    variables = jax.jit(model.init)(jax.random.key(0), np.zeros((1, 8, 8, 1), np.float32))
+    flat = {k: np.array(v) for k, v in traverse_util.flatten_dict(variables, sep="/").items()}
+    flat["params/backbone/dense_0/kernel"][3, 2] = np.nan
+    weights = tmp_path / "w.npz"
+    np.savez(weights, **flat)
+    workdir = tmp_path / "run"
+    with pytest.raises(jft.weights.WeightsError) as e:
+        jft.train.train_and_evaluate(_recipe(**{"init.path": str(weights)}), workdir)
+    msg = str(e.value)
+    assert "\n" not in msg and str(weights) in msg and "non-finite" in msg
+    assert "params/backbone/dense_0/kernel" in msg
+    assert not (workdir / "checkpoints").exists() and not (workdir / "metrics.jsonl").exists()

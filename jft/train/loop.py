@@ -86,7 +86,12 @@ def _pretrained(variables: dict[str, Any], config: ml_collections.ConfigDict) ->
         flat = weights.read(path)
         arch = config.init.arch or weights.infer_arch(flat)
     variables, report = weights.restore(
-        variables, flat, arch, skip=tuple(config.init.skip), strict=config.init.strict
+        variables,
+        flat,
+        arch,
+        skip=tuple(config.init.skip),
+        strict=config.init.strict,
+        source=path,
     )
     _log(f"init from {path}: {str(report).splitlines()[0]}")
     return variables
