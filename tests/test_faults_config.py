@@ -290,3 +290,19 @@ def test_init_weights_with_nan_are_refused_naming_tensor_and_file(tmp_path):
     assert "\n" not in msg and str(weights) in msg and "non-finite" in msg
     assert "params/backbone/dense_0/kernel" in msg
     assert not (workdir / "checkpoints").exists() and not (workdir / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize(
+    "overrides, fragments",
+    [
+        ({"data.batch_size": 36}, ["'data.batch_size'", "8 devices", "multiple of 8"]),
+        ({"data.eval_batch_size": 100}, ["'data.eval_batch_size'", "8 devices"]),
+        (
+            {"parallel": "pmap", "data.batch_size": 16, "grad_accum_steps": 4},
+            ["'grad_accum_steps'", "2 rows per device"],
+        ),
+    ],
+)
+def test_batches_that_do_not_divide_among_the_devices(overrides, fragments, tmp_path):
+    assert jax.local_device_count() == 8  # conftest's fake CPU devices
+    _refused(_recipe(**overrides), tmp_path / "run", *fragments)

@@ -321,6 +321,7 @@ def check_run(config: ml_collections.ConfigDict, info: Any, model: Any, workdir:
             f"config key 'data.batch_size' is {config.data.batch_size}, but the train split "
             f"{split!r} of {info.name} has {n} examples; set data.batch_size <= {n}"
         )
+    _check_devices(config)
     if config.checkpoint.best_metric == "eval/top_5" and (info.num_classes or 0) < 5:
         raise ConfigError(
             f"config key 'checkpoint.best_metric' is 'eval/top_5', but {info.name} has "
@@ -334,6 +335,29 @@ def check_run(config: ml_collections.ConfigDict, info: Any, model: Any, workdir:
             f"config key 'num_steps' is {config.num_steps}, but {workdir}/checkpoints already "
             f"holds step {steps[-1]}; set num_steps >= {steps[-1]} to continue that run, "
             "or use a new workdir"
+        )
+
+
+def _check_devices(config: ml_collections.ConfigDict) -> None:
+    """Each process's batches must divide among its devices (and, under pmap, into microbatches)."""
+    if config.parallel == "none":
+        return
+    import jax
+
+    devices, processes = jax.local_device_count(), jax.process_count()
+    for key in ("batch_size", "eval_batch_size"):
+        rows = config.data[key] // processes
+        if rows % devices:
+            raise ConfigError(
+                f"config key 'data.{key}' is {config.data[key]}: {rows} rows per process do not "
+                f"divide among its {devices} devices (parallel={config.parallel!r}); use a "
+                f"multiple of {devices * processes}"
+            )
+    per_device = config.data.batch_size // processes // devices
+    if config.parallel == "pmap" and per_device % config.grad_accum_steps:
+        raise ConfigError(
+            f"config key 'grad_accum_steps' is {config.grad_accum_steps}, which does not divide "
+            f"the {per_device} rows per device under pmap; choose a divisor of {per_device}"
         )
 
 
