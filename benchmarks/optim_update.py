@@ -7,19 +7,28 @@ with fixed gradients:
 - jft and optax: ``jax.jit`` of ``update`` + ``optax.apply_updates``, with the
   params and optimizer state donated (updated in place, as torch does); the
   gradients are an argument, not donated.
-- torch: ``opt.step()`` with ``foreach=True`` on CPU, the gradients already in
-  ``p.grad`` (no ``zero_grad``), with as many intra-op threads as JAX's CPU
-  client gets here (all the cores this process may use).
+- torch: ``opt.step()``, in place, the gradients already in ``p.grad`` (no
+  ``zero_grad``), with as many intra-op threads as JAX's CPU client gets here
+  (all the cores this process may use); timed both with ``foreach=True`` and
+  with torch's CPU default, one kernel per tensor (``foreach=False``), and the
+  faster is the torch column. ``OMP_WAIT_POLICY=PASSIVE`` (set before torch
+  loads) stops its OpenMP threads spinning after a step, so they do not slow
+  the JAX call that follows.
 
-Each time is the median over repeats of one step, after warm-up; the jft,
-optax steps of a rule are called in turn, so that load from other processes
-on a shared machine falls on both alike; torch's are timed next, apart (its
-OpenMP threads keep spinning after a step and would slow the next JAX call),
-then the script sleeps 0.5 s. Bandwidth is
-the bytes one step must read and write at least (params, gradients and every
-state buffer the rule keeps, in float32) divided by the time, as a fraction of
-this machine's copy bandwidth measured in the same run (the faster of a jitted,
-donated ``x + 1`` and ``np.copyto`` over a 10M float32 buffer, read + write).
+So both sides do the same work: read params and gradients (and state), write
+params (and state) in place; neither times a ``zero_grad`` or a copy.
+
+Each time is the minimum over repeats of one step, after warm-up: the jft,
+optax and torch steps of a rule are called in turn, so that load from other
+processes on a shared machine falls on all alike, and the minimum is the run
+that load did not touch (the median is printed too; on a quiet machine the two
+agree). Bandwidth is the bytes one step must read and write at least (params,
+gradients and every state buffer the rule keeps, in float32) divided by the
+time, as a fraction of this machine's copy bandwidth measured in the same run
+(the fastest of a jitted, donated ``x + 1``, ``np.copyto`` and torch's
+``copy_`` over a buffer of as many float32 as the parameters, read + write,
+timed in every rule's group so that it meets the same load).
+``floor ms`` is that many bytes at copy bandwidth: no step can be faster.
 
 Targets: jft ≤ 1.05× optax, ≤ 1.0× torch, ≥ 50 % of copy bandwidth.
 
@@ -31,6 +40,8 @@ import os
 import statistics
 import sys
 import time
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads its OpenMP
 
 import jax
 import jax.numpy as jnp
@@ -55,7 +66,7 @@ def shapes(quick: bool) -> list[tuple[int, ...]]:
 
 
 def torch_twin(cls, **kwargs):
-    return lambda ps: cls(ps, lr=LR, foreach=True, **kwargs)
+    return lambda ps, foreach: cls(ps, lr=LR, foreach=foreach, **kwargs)
 
 
 # name: (jft, optax twin or None, torch twin or None, float32 state buffers per param)
@@ -108,18 +119,9 @@ RULES = {
 }
 
 
-def median_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def interleaved_medians(fns: list, repeats: int) -> list[float]:
-    """Median time of each fn, calling them in turn so that load from other
-    processes on a shared machine falls on all of them alike."""
+def interleaved_times(fns: list, repeats: int) -> list[tuple[float, float]]:
+    """(minimum, median) time of each fn, calling them in turn so that load from
+    other processes on a shared machine falls on all of them alike."""
     for fn in fns:
         for _ in range(3):  # warm-up, compilation
             fn()
@@ -129,7 +131,7 @@ def interleaved_medians(fns: list, repeats: int) -> list[float]:
             t0 = time.perf_counter()
             fn()
             ts.append(time.perf_counter() - t0)
-    return [statistics.median(ts) for ts in times]
+    return [(min(ts), statistics.median(ts)) for ts in times]
 
 
 def jax_step(tx, params, grads):
@@ -151,17 +153,18 @@ def jax_step(tx, params, grads):
     return once
 
 
-def torch_step(make, shape_list):
+def torch_step(make, shape_list, foreach: bool):
     """One in-place torch.optim step, as a no-argument callable."""
     gen = torch.Generator().manual_seed(0)
     ps = [torch.randn(s, generator=gen, requires_grad=True) for s in shape_list]
     for p in ps:
         p.grad = torch.randn(p.shape, generator=gen)
-    return make(ps).step
+    return make(ps, foreach).step
 
 
-def copy_bandwidth(n: int, repeats: int) -> tuple[float, float]:
-    """Bytes/s of a read + write of n float32: (jitted donated x + 1, np.copyto)."""
+def copies(n: int) -> dict[str, object]:
+    """Read + write of n float32, as no-argument callables: jitted donated x + 1,
+    np.copyto, torch's copy_ (8n bytes each)."""
     add = jax.jit(lambda x: x + 1.0, donate_argnums=0)
     box = [jnp.zeros(n, jnp.float32)]
 
@@ -169,13 +172,13 @@ def copy_bandwidth(n: int, repeats: int) -> tuple[float, float]:
         box[0] = add(box[0])
         box[0].block_until_ready()
 
-    for _ in range(3):
-        jax_once()
-    t_jax = median_time(jax_once, repeats)
     a, b = np.ones(n, np.float32), np.empty(n, np.float32)
-    np.copyto(b, a)
-    t_np = median_time(lambda: np.copyto(b, a), repeats)
-    return 8 * n / t_jax, 8 * n / t_np
+    ta, tb = torch.ones(n), torch.empty(n)
+    return {
+        "jax x+1": jax_once,
+        "np.copyto": lambda: np.copyto(b, a),
+        "torch copy_": lambda: tb.copy_(ta),
+    }
 
 
 def main():
@@ -197,43 +200,52 @@ def main():
     grads = jax.tree.map(lambda x: 0.01 * x + 0.001, params)
     n = sum(x.size for x in leaves)
 
-    bw_jax, bw_np = copy_bandwidth(10_000_000 if not args.quick else n, repeats)
-    copy_bw = max(bw_jax, bw_np)
-    print(
-        f"jax {jax.__version__} ({jax.devices()[0].platform}), optax {optax.__version__}, "
-        f"torch {torch.__version__} ({torch.get_num_threads()} threads), {threads} cores"
-    )
-    print(f"{n / 1e6:.2f}M float32 parameters in {len(leaves)} leaves; median of {repeats}")
-    print(
-        f"copy bandwidth (read + write): jax x+1 {bw_jax / 1e9:.1f} GB/s, "
-        f"np.copyto {bw_np / 1e9:.1f} GB/s; using {copy_bw / 1e9:.1f} GB/s"
-    )
-    header = (
-        f"{'rule':<24}{'jft ms':>9}{'optax ms':>10}{'torch ms':>10}"
-        f"{'jft/optax':>11}{'jft/torch':>11}{'GB/s':>7}{'% copy':>8}"
-    )
-    print(header)
-    print("-" * len(header))
-    fmt = lambda x, spec: "—" if x is None else format(x, spec)
+    # The copies are timed in each rule's group too, so that they meet the same
+    # load; the bandwidth is the best any of them reached over the run.
+    copy_fns = copies(n)
+    best_copy = dict.fromkeys(copy_fns, 0.0)
+    rows = []
     for name in args.rules.split(","):
         ours, theirs, torch_make, buffers = RULES[name]
         fns = [jax_step(ours, params, grads)]
         if theirs is not None:
             fns.append(jax_step(theirs, params, grads))
-        times = iter(interleaved_medians(fns, repeats))
-        t_jft = next(times)
-        t_optax = next(times) if theirs is not None else None
-        t_torch = None
         if torch_make is not None:
-            # Timed apart: torch's OpenMP threads spin for a while after each
-            # parallel region and would slow down whatever runs next.
-            (t_torch,) = interleaved_medians([torch_step(torch_make, shape_list)], repeats)
-            time.sleep(0.5)
-        moved = 4 * n * (3 + 2 * buffers)  # params r+w, grads r, each buffer r+w
+            fns += [torch_step(torch_make, shape_list, foreach) for foreach in (True, False)]
+        times = interleaved_times(fns + list(copy_fns.values()), repeats)
+        for key, (t, _) in zip(copy_fns, times[len(fns) :], strict=True):
+            best_copy[key] = max(best_copy[key], 8 * n / t)
+        times = iter(times)
+        t_jft, med_jft = next(times)
+        t_optax = next(times)[0] if theirs is not None else None
+        t_torch = min(next(times)[0], next(times)[0]) if torch_make is not None else None
+        rows.append((name, t_jft, med_jft, t_optax, t_torch, 4 * n * (3 + 2 * buffers)))
+
+    copy_bw = max(best_copy.values())
+    print(
+        f"jax {jax.__version__} ({jax.devices()[0].platform}), optax {optax.__version__}, "
+        f"torch {torch.__version__} ({torch.get_num_threads()} threads), {threads} cores"
+    )
+    print(f"{n / 1e6:.2f}M float32 parameters in {len(leaves)} leaves; min (median) of {repeats}")
+    print(
+        "copy bandwidth (read + write): "
+        + ", ".join(f"{k} {v / 1e9:.1f} GB/s" for k, v in best_copy.items())
+        + f"; using {copy_bw / 1e9:.1f} GB/s"
+    )
+    header = (
+        f"{'rule':<24}{'jft ms':>15}{'optax ms':>10}{'torch ms':>10}{'floor ms':>10}"
+        f"{'jft/optax':>11}{'jft/torch':>11}{'GB/s':>7}{'% copy':>8}"
+    )
+    print(header)
+    print("-" * len(header))
+    fmt = lambda x, spec: "—" if x is None else format(x, spec)
+    for name, t_jft, med_jft, t_optax, t_torch, moved in rows:
+        # moved: params r+w, grads r, each state buffer r+w
         bw = moved / t_jft
         print(
-            f"{name:<24}{t_jft * 1e3:>9.2f}{fmt(t_optax and t_optax * 1e3, '.2f'):>10}"
-            f"{fmt(t_torch and t_torch * 1e3, '.2f'):>10}"
+            f"{name:<24}{t_jft * 1e3:>7.2f} ({med_jft * 1e3:5.2f})"
+            f"{fmt(t_optax and t_optax * 1e3, '.2f'):>10}"
+            f"{fmt(t_torch and t_torch * 1e3, '.2f'):>10}{moved / copy_bw * 1e3:>10.2f}"
             f"{fmt(t_optax and t_jft / t_optax, '.3f'):>11}"
             f"{fmt(t_torch and t_jft / t_torch, '.3f'):>11}"
             f"{bw / 1e9:>7.1f}{100 * bw / copy_bw:>7.0f}%"
