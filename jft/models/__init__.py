@@ -10,7 +10,7 @@ transformer blocks are ``backbone/encoder/layer_{i}``. Models with BatchNorm tak
 running statistics (see CONTRIBUTING.md for all conventions).
 """
 
-from jft.models import cnn, layers, mlp, resnet, vgg  # noqa: F401  (registers the models)
+from jft.models import cnn, generate, gpt2, layers, llama, mlp, resnet, vgg  # noqa: F401  (registers the models)
 from jft.models.bert import Bert, BertOutput
 from jft.models.cnn import CNN
 from jft.models.layers import compiler_options

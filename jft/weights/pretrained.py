@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import traverse_util
 from flax.core import unfreeze
 
+from jft.weights._decoders import DECODER_BUILDERS
 from jft.weights.readers import folder_file, read
 from jft.weights.restore import WeightsError, restore
 
@@ -262,4 +263,5 @@ _BUILDERS: dict[str, Callable[..., tuple[nn.Module, str, tuple[Any, ...]]]] = {
     "bert": _build_bert,
     "vit": _build_vit,
     "resnet": _build_resnet,
+    **DECODER_BUILDERS,  # gpt2, llama, mistral, qwen2, qwen3, gemma, gemma2
 }

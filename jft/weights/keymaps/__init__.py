@@ -75,4 +75,4 @@ def names() -> list[str]:
     return sorted(_KEYMAPS)
 
 
-from jft.weights.keymaps import bert, jft, resnet, vgg, vit  # noqa: E402, F401  (registers the key maps)
+from jft.weights.keymaps import bert, gpt2, jft, llama, resnet, vgg, vit  # noqa: E402, F401  (registers the key maps)

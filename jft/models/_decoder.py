@@ -1,0 +1,149 @@
+"""Pieces shared by the decoder language models (:mod:`jft.models.gpt2`, :mod:`jft.models.llama`).
+
+Attention works on *slots*: with no cache the slots are the ``T`` input
+positions; with a KV cache of length ``S`` the ``T`` new tokens sit in slots
+``cache_index .. cache_index + T - 1`` and attend to every earlier slot whose
+``attention_mask`` is 1. The causal and sliding-window masks compare slots (as
+Hugging Face's ``cache_position`` does), while RoPE and learned position
+embeddings read the *position ids*, which with left padding differ from slots.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jft.errors import JftError
+
+Dtype = Any
+# One layer's cache: {"k": (B, S, kv_heads, head_dim), "v": same}.
+LayerCache = dict[str, jax.Array]
+Cache = tuple[LayerCache, ...]
+
+REMAT_POLICIES = {
+    "full": None,  # save nothing, recompute the whole block
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class DecoderConfigError(JftError, ValueError):
+    """A decoder model field that jft does not support."""
+
+
+def remat_block(block: type[nn.Module], remat: str | None) -> type[nn.Module]:
+    """``block`` wrapped in ``nn.remat`` with the named policy (None: unchanged).
+
+    Raises:
+      DecoderConfigError: an unknown policy name.
+    """
+    if remat is None:
+        return block
+    if remat not in REMAT_POLICIES:
+        raise DecoderConfigError(
+            f"remat={remat!r} is not a policy; use one of {', '.join(REMAT_POLICIES)} or None"
+        )
+    return nn.remat(block, policy=REMAT_POLICIES[remat])
+
+
+def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
+    """Position ids ``(B, T)`` that skip padding: ``cumsum(mask) - 1``, 0 on leading padding.
+
+    Equal to ``arange(T)`` without padding or with right padding; with left padding
+    each row's first real token gets position 0 (as ``transformers``' ``generate``).
+    """
+    mask = attention_mask.astype(jnp.int32)
+    return jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
+
+
+def slot_bias(kv_mask: jax.Array, q_slots: jax.Array, window: int | None = None) -> jax.Array:
+    """Additive float32 bias ``(B, T, S)``: 0 where query slot ``t`` may see key slot ``s``.
+
+    A key is visible when it is not padding (``kv_mask`` ``(B, S)`` is 1), not in the
+    future (``s <= t``) and, with a ``window``, less than ``window`` slots back
+    (``s > t - window``, Mistral's and Gemma 2's sliding window).
+    """
+    s = jnp.arange(kv_mask.shape[-1])
+    keep = (s[None, :] <= q_slots[:, None])[None] & kv_mask.astype(bool)[:, None, :]
+    if window is not None:
+        keep &= (s[None, :] > q_slots[:, None] - window)[None]
+    return jnp.where(keep, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)
+
+
+def attend(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    bias: jax.Array,
+    scale: float,
+    softcap: float | None = None,
+) -> jax.Array:
+    """Grouped-query attention: ``q`` ``(B, T, H, D)``, ``k, v`` ``(B, S, K, D)`` -> ``(B, T, HD)``.
+
+    Each group of ``H // K`` query heads shares one key/value head. Logits are
+    ``q·k * scale``, optionally soft-capped (``tanh(x / c) * c``, Gemma 2), in
+    float32 with ``bias`` from :func:`slot_bias`; the softmax runs in float32.
+    """
+    b, t, h, d = q.shape
+    kv = k.shape[2]
+    q = q.reshape(b, t, kv, h // kv, d)
+    logits = jnp.einsum("btkgd,bskd->bkgts", q, k) * jnp.asarray(scale, q.dtype)
+    logits = logits.astype(jnp.float32)
+    if softcap is not None:
+        logits = jnp.tanh(logits / softcap) * softcap
+    probs = jax.nn.softmax(logits + bias[:, None, None], axis=-1).astype(v.dtype)
+    return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h * d)
+
+
+def write_cache(
+    layer: LayerCache, k: jax.Array, v: jax.Array, index: jax.Array | int
+) -> LayerCache:
+    """``layer`` with ``k, v`` ``(B, T, K, D)`` written into slots ``index .. index + T - 1``."""
+
+    def put(buf: jax.Array, new: jax.Array) -> jax.Array:
+        return jax.lax.dynamic_update_slice(buf, new.astype(buf.dtype), (0, index, 0, 0))
+
+    return {"k": put(layer["k"], k), "v": put(layer["v"], v)}
+
+
+def init_cache(
+    num_layers: int, batch: int, length: int, kv_heads: int, head_dim: int, dtype: Dtype
+) -> Cache:
+    """An empty (zero) KV cache of ``length`` slots for each of ``num_layers`` layers."""
+    shape = (batch, length, kv_heads, head_dim)
+    return tuple(
+        {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(num_layers)
+    )
+
+
+def slots_and_mask(
+    input_ids: jax.Array,
+    attention_mask: jax.Array | None,
+    position_ids: jax.Array | None,
+    cache: Cache | None,
+    cache_index: jax.Array | int,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(q_slots (T,), kv_mask (B, S), position_ids (B, T))`` for one call of a decoder.
+
+    Without a cache, ``attention_mask`` ``(B, T)`` (default ones) masks the inputs.
+    With one, it is ``(B, S)`` and covers the whole cache (1 for every slot that
+    holds or will hold a real token).
+    """
+    b, t = input_ids.shape
+    length = t if cache is None else cache[0]["k"].shape[1]
+    if attention_mask is None:
+        attention_mask = jnp.ones((b, length), jnp.int32)
+    if attention_mask.shape != (b, length):
+        what = "the input ids" if cache is None else "the cache length"
+        raise DecoderConfigError(
+            f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(b, length)} "
+            f"(batch, {what})"
+        )
+    q_slots = jnp.asarray(cache_index, jnp.int32) + jnp.arange(t, dtype=jnp.int32)
+    if position_ids is None:
+        all_positions = positions_from_mask(attention_mask)
+        position_ids = jax.lax.dynamic_slice_in_dim(all_positions, cache_index, t, axis=1)
+    return q_slots, attention_mask, jnp.broadcast_to(position_ids, (b, t))

@@ -1,0 +1,64 @@
+"""Key map ``llama``: Hugging Face ``*ForCausalLM`` names <-> :class:`jft.models.llama.Llama` paths.
+
+One table for the whole family (Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma 2):
+``model.embed_tokens``, ``model.layers.N.{input_layernorm, self_attn.{q,k,v,o}_proj,
+self_attn.{q,k}_norm, post_attention_layernorm, pre_feedforward_layernorm,
+post_feedforward_layernorm, mlp.{gate,up,down}_proj}``, ``model.norm`` and a
+top-level ``lm_head`` (absent from folders with tied embeddings). A family that
+lacks a module simply has no such tensor. ``*Model`` files (no ``model.`` prefix)
+load too.
+
+Export (layout ``"hf"``) writes ``*ForCausalLM`` names from the same table.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+from jft.weights.keymaps import register, register_inverse
+from jft.weights.keymaps._table import EMBED, LINEAR, NORM, Rule, Table
+from jft.weights.keymaps.bert import find_prefix
+
+_ANCHOR = "embed_tokens.weight"
+_L = "layers.{i}"
+_J = "backbone/layers_{i}"
+RULES = (
+    Rule("embed_tokens", "backbone/embed_tokens", EMBED),
+    Rule(f"{_L}.input_layernorm", f"{_J}/input_layernorm", NORM),
+    Rule(f"{_L}.self_attn.q_proj", f"{_J}/attention/q_proj", LINEAR),
+    Rule(f"{_L}.self_attn.k_proj", f"{_J}/attention/k_proj", LINEAR),
+    Rule(f"{_L}.self_attn.v_proj", f"{_J}/attention/v_proj", LINEAR),
+    Rule(f"{_L}.self_attn.o_proj", f"{_J}/attention/o_proj", LINEAR),
+    Rule(f"{_L}.self_attn.q_norm", f"{_J}/attention/q_norm", NORM),
+    Rule(f"{_L}.self_attn.k_norm", f"{_J}/attention/k_norm", NORM),
+    Rule(f"{_L}.post_attention_layernorm", f"{_J}/post_attention_layernorm", NORM),
+    Rule(f"{_L}.pre_feedforward_layernorm", f"{_J}/pre_feedforward_layernorm", NORM),
+    Rule(f"{_L}.post_feedforward_layernorm", f"{_J}/post_feedforward_layernorm", NORM),
+    Rule(f"{_L}.mlp.gate_proj", f"{_J}/mlp/gate_proj", LINEAR),
+    Rule(f"{_L}.mlp.up_proj", f"{_J}/mlp/up_proj", LINEAR),
+    Rule(f"{_L}.mlp.down_proj", f"{_J}/mlp/down_proj", LINEAR),
+    Rule("norm", "backbone/norm", NORM),
+    Rule("lm_head", "lm_head", LINEAR, top=True),
+)
+PREFIX = "model."  # *ForCausalLM keeps the decoder under this prefix
+
+
+@register("llama")
+def convert(flat: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Maps Hugging Face Llama-family names to ``params/backbone/...`` and ``params/lm_head``."""
+    prefix = find_prefix(flat, _ANCHOR)
+    if prefix is None:
+        return {}, list(flat)
+    return Table(RULES, prefix=prefix).forward(flat)
+
+
+@register_inverse("llama", layouts=("hf",))
+def export(
+    mapped: Mapping[str, np.ndarray], layout: str = "hf"
+) -> tuple[dict[str, np.ndarray], list[str]]:
+    """jft Llama-family variables -> ``*ForCausalLM`` names."""
+    if layout != "hf":
+        raise ValueError(f"llama exports to layout 'hf', not {layout!r}")
+    return Table(RULES, prefix=PREFIX).inverse(mapped)
