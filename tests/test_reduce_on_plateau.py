@@ -159,8 +159,16 @@ def test_under_inject_hyperparams():
         ({"min_scale": -1.0}, "min_scale"),
         ({"mode": "maximum"}, "mode"),
         ({"threshold_mode": "relative"}, "threshold_mode"),
+        ({"threshold": float("inf")}, "threshold"),
+        ({"patience": float("inf")}, "patience"),
     ],
 )
 def test_bad_hyperparameters_raise(kwargs, name):
-    with pytest.raises(ValueError, match=rf"\b{name}\b"):
+    with pytest.raises(optim.HyperparameterError, match=rf"\b{name}\b") as err:
         optim.reduce_on_plateau(**kwargs)
+    assert isinstance(err.value, ValueError) and "\n" not in str(err.value)
+
+
+def test_integer_parameters_raise():
+    with pytest.raises(optim.ParameterDtypeError, match=r"reduce_on_plateau: parameter 'w'"):
+        optim.reduce_on_plateau().init({"w": jnp.ones(2, jnp.int8)})

@@ -100,9 +100,14 @@ def reduce_on_plateau(
       average ``accumulation_size`` values per step (average them yourself here).
     """
     if mode not in ("min", "max"):
-        raise ValueError(f'mode must be "min" or "max", got mode={mode!r}')
+        raise _validate.HyperparameterError(
+            f'jft.optim.reduce_on_plateau: mode must be "min" or "max", got mode={mode!r}'
+        )
     if threshold_mode not in ("rel", "abs"):
-        raise ValueError(f'threshold_mode must be "rel" or "abs", got {threshold_mode=}')
+        raise _validate.HyperparameterError(
+            f'jft.optim.reduce_on_plateau: threshold_mode must be "rel" or "abs", '
+            f"got {threshold_mode=}"
+        )
     _validate.unit_interval(factor, "factor")
     _validate.nonnegative(patience, "patience")
     _validate.nonnegative(threshold, "threshold")
