@@ -24,6 +24,7 @@ import transformers
 from jft.errors import JftError
 from jft.models import generate as gen
 from jft.models.llama import Llama
+from jft.train import losses
 from jft.weights import WeightsError, from_pretrained, keymaps
 
 TOL = 1e-4
@@ -333,3 +334,34 @@ def test_remat_identical_and_bf16_params_close():
     half = np.asarray(jax.jit(bf16.apply)(v16, ids))
     assert half.dtype == np.float32  # logits are float32 whatever the parameters
     assert max_diff(half, full) < 2e-2 * max(1.0, np.abs(full).max())
+
+
+def test_causal_lm_loss_equals_transformers(loaded):
+    """Completion-only loss with left padding: HF's ``labels`` loss, by labels or by masks."""
+    ref, _, model, variables = loaded("qwen2")
+    ids, mask, pos = _batch(seed=7)
+    prompt = np.zeros_like(mask)
+    prompt[0, :4], prompt[1, 3:6] = 1, 1  # the first 4 / 3 real tokens are the prompt
+    loss_mask = mask * (1 - prompt)
+    labels = np.where(loss_mask == 1, ids, -100)
+    with torch.no_grad():
+        out = ref(
+            input_ids=torch.tensor(ids),
+            attention_mask=torch.tensor(mask),
+            position_ids=torch.tensor(pos),
+            labels=torch.tensor(labels),
+        )
+        row0 = ref(input_ids=torch.tensor(ids[:1]), labels=torch.tensor(labels[:1])).loss
+    logits = jax.jit(model.apply)(variables, ids, mask)
+    loss = losses.get("causal_lm_xent", label_smoothing=0.0)
+    by_labels = loss(logits, {"labels": labels})
+    by_masks = loss(logits, {"input_ids": ids, "attention_mask": mask, "loss_mask": loss_mask})
+    assert abs(float(by_labels) - float(out.loss)) < 1e-5
+    assert abs(float(by_masks) - float(out.loss)) < 1e-5
+    assert float(loss(logits, {"labels": labels, "mask": np.array([1, 0])})) == pytest.approx(
+        float(row0), abs=1e-5
+    )
+    # The prompt's tokens do not count: changing their targets leaves the loss as it is.
+    other = np.where(prompt == 1, (ids + 1) % VOCAB, ids)
+    same = loss(logits, {"input_ids": other, "attention_mask": mask, "loss_mask": loss_mask})
+    assert float(same) == float(by_masks)

@@ -14,6 +14,9 @@ the eval step sums.
   ``(B, C)``; label smoothing moves targets to ``(1 - α) y + α / 2``.
 - ``mse``: ``optax.squared_error`` averaged over the outputs, the targets in
   ``batch["label"]`` (cast to float, shaped like the outputs).
+- ``causal_lm_xent``: next-token cross-entropy of a decoder language model,
+  a mean over the counted tokens (Hugging Face ``labels`` with ``-100``, or
+  ``input_ids`` with ``attention_mask`` and a completion-only ``loss_mask``).
 
 Every loss reads its targets from ``batch["label"]``, or ``batch["labels"]`` as
 Hugging Face names them (:func:`jft.train.inputs.labels`).
@@ -30,7 +33,17 @@ import optax
 
 from jft.train.inputs import labels as batch_labels
 
-__all__ = ["Loss", "get", "mse", "names", "sigmoid_xent", "softmax_xent"]
+__all__ = [
+    "IGNORE_INDEX",
+    "Loss",
+    "TokenLoss",
+    "causal_lm_xent",
+    "get",
+    "mse",
+    "names",
+    "sigmoid_xent",
+    "softmax_xent",
+]
 
 Batch = Mapping[str, Any]
 
@@ -123,10 +136,68 @@ def mse() -> Loss:
     return Loss("mse", per_example)
 
 
+IGNORE_INDEX = -100
+"""A ``labels`` value whose token is not predicted (Hugging Face's ``ignore_index``)."""
+
+
+class TokenLoss(Loss):
+    """A loss over tokens: ``loss(logits, batch)`` is the mean over every counted token.
+
+    ``per_token(logits, batch) -> (losses (B, T'), weights (B, T'))``; the batch's
+    loss is ``sum(losses * weights) / sum(weights)`` (as Hugging Face's causal-LM
+    loss, so long and short rows weigh by their token counts), with rows whose
+    ``batch["mask"]`` is false left out. ``per_example`` is each row's mean.
+    """
+
+    def __init__(self, name: str, per_token: Callable[[jax.Array, Batch], tuple[Any, Any]]):
+        def per_example(logits: jax.Array, batch: Batch) -> jax.Array:
+            losses, weights = per_token(logits, batch)
+            return jnp.sum(losses * weights, -1) / jnp.maximum(jnp.sum(weights, -1), 1.0)
+
+        super().__init__(name, per_example)
+        self.per_token = per_token
+
+    def __call__(self, logits: jax.Array, batch: Batch) -> jax.Array:
+        """The mean loss over the counted tokens of the rows with ``batch["mask"]`` true."""
+        losses, weights = self.per_token(logits, batch)
+        if "mask" in batch:
+            weights = weights * jnp.asarray(batch["mask"], weights.dtype)[:, None]
+        return jnp.sum(losses * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
+def causal_lm_xent() -> TokenLoss:
+    """Next-token cross-entropy of a causal language model, over the tokens that count.
+
+    The logits ``(B, T, V)`` at position ``t`` predict token ``t + 1``. The targets
+    are ``batch["labels"]`` ``(B, T)`` where given, a token ``-100``
+    (:data:`IGNORE_INDEX`) not counted, exactly as Hugging Face's ``*ForCausalLM``
+    loss; otherwise ``batch["input_ids"]``, counted where ``attention_mask`` (padding)
+    and ``loss_mask`` (0 on a prompt, 1 on its completion, for completion-only
+    fine-tuning) are 1. The mean is over all counted tokens of the batch.
+    """
+
+    def per_token(logits, batch):
+        logits = _float_logits(logits)[:, :-1]
+        if "labels" in batch or "label" in batch:
+            targets = jnp.asarray(batch_labels(batch))[:, 1:]
+            weights = (targets != IGNORE_INDEX).astype(jnp.float32)
+        else:
+            targets = jnp.asarray(batch["input_ids"])[:, 1:]
+            weights = jnp.ones(targets.shape, jnp.float32)
+            for key in ("attention_mask", "loss_mask"):
+                if key in batch:
+                    weights = weights * jnp.asarray(batch[key], jnp.float32)[:, 1:]
+        targets = jnp.where(weights > 0, targets, 0)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, targets), weights
+
+    return TokenLoss("causal_lm_xent", per_token)
+
+
 _LOSSES: dict[str, Callable[..., Loss]] = {
     "softmax_xent": softmax_xent,
     "sigmoid_xent": sigmoid_xent,
     "mse": mse,
+    "causal_lm_xent": causal_lm_xent,
 }
 
 
@@ -138,8 +209,8 @@ def names() -> list[str]:
 def get(name: str, **kwargs: Any) -> Loss:
     """The loss called ``name`` (``config.loss.name``), built with ``kwargs``.
 
-    ``mse`` takes no arguments; a ``label_smoothing`` of 0 is accepted (and
-    ignored) for it, so one config schema fits every loss.
+    ``mse`` and ``causal_lm_xent`` take no arguments; a ``label_smoothing`` of 0
+    is accepted (and ignored) for them, so one config schema fits every loss.
 
     Raises:
       ValueError: an unknown name (the message lists the known ones) or an
@@ -147,7 +218,7 @@ def get(name: str, **kwargs: Any) -> Loss:
     """
     if name not in _LOSSES:
         raise ValueError(f"unknown loss {name!r}; known: {', '.join(names())}")
-    if name == "mse" and not kwargs.get("label_smoothing", 0.0):
+    if name in ("mse", "causal_lm_xent") and not kwargs.get("label_smoothing", 0.0):
         kwargs.pop("label_smoothing", None)
     try:
         return _LOSSES[name](**kwargs)
