@@ -450,3 +450,16 @@ def test_jft_named_weights_refuse_another_arch(tmp_path, resnet_setup):
     np.testing.assert_array_equal(
         restored["params"]["head"]["kernel"], variables["params"]["head"]["kernel"]
     )
+
+
+def test_torch_storage_larger_than_its_record(tmp_path):
+    # torch.load(mmap=True) would read the missing 56 bytes from whatever follows.
+    good = tmp_path / "good.pth"
+    torch.save({"w": torch.arange(16, dtype=torch.float32)}, good)
+    bad = tmp_path / "bad.pth"
+    with zipfile.ZipFile(good) as zin, zipfile.ZipFile(bad, "w") as zout:
+        for info in zin.infolist():
+            data = zin.read(info.filename)
+            zout.writestr(info, data[:8] if info.filename.endswith("data/0") else data)
+    _one_line_error(bad, "storage 0", "needs 64 bytes", "holds 8")
+    np.testing.assert_array_equal(jft.weights.read(good)["w"], np.arange(16))

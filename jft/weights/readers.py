@@ -245,6 +245,7 @@ def read_torch(path: str | os.PathLike) -> dict[str, np.ndarray]:
             warnings.simplefilter("ignore", UserWarning)
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
 
+    _check_torch_records(path)
     try:
         try:
             obj = load(mmap=True)
@@ -276,6 +277,86 @@ def read_torch(path: str | os.PathLike) -> dict[str, np.ndarray]:
     if all(k.startswith("module.") for k in flat):
         flat = {k[len("module.") :]: v for k, v in flat.items()}
     return flat
+
+
+class _Inert:
+    """Whatever the pickle builds: takes any call, item or state, and runs nothing."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        del args, kwargs
+
+    def __call__(self, *args: Any, **kwargs: Any) -> _Inert:
+        return _Inert()
+
+    def __setstate__(self, state: Any) -> None:
+        del state
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        del key, value
+
+    def append(self, value: Any) -> None:
+        del value
+
+    def extend(self, values: Any) -> None:
+        del values
+
+
+def _check_torch_records(path: str | os.PathLike) -> None:
+    """Checks each storage's size in a zip-format PyTorch file against its record.
+
+    ``torch.load(mmap=True)`` does not: a storage that claims more bytes than its
+    record holds is read from whatever follows it in the file. The pickle is
+    walked with an unpickler that imports nothing (every global is inert), so
+    this runs no pickled code either.
+    """
+    import pickle
+
+    import torch
+
+    try:
+        z = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError):
+        return  # the legacy format: torch.load reads it without mmap, checking sizes
+    with z:
+        names = z.namelist()
+        pkl = next((n for n in names if n.endswith("/data.pkl") or n == "data.pkl"), None)
+        if pkl is None:
+            return  # not a torch archive: torch.load says so
+        prefix = pkl[: -len("data.pkl")]
+        records = {n[len(prefix) + len("data/") :]: z.getinfo(n).file_size for n in names}
+        storages: list[tuple[Any, ...]] = []
+
+        class Scan(pickle.Unpickler):
+            def find_class(self, module: str, name: str) -> Any:
+                return name if module == "torch" and name.endswith("Storage") else _Inert
+
+            def persistent_load(self, pid: Any) -> Any:
+                storages.append(tuple(pid))
+                return _Inert()
+
+        try:
+            Scan(io.BytesIO(z.read(pkl))).load()
+        except Exception:  # a pickle this scan cannot walk: torch.load judges it
+            return
+    for pid in storages:
+        if len(pid) != 5 or pid[0] != "storage":
+            continue
+        _, kind, key, _, numel = pid
+        with warnings.catch_warnings():  # torch.FloatStorage.dtype warns that it is legacy
+            warnings.simplefilter("ignore", UserWarning)
+            dtype = getattr(getattr(torch, str(kind), None), "dtype", torch.uint8)
+        if kind == "UntypedStorage":
+            dtype = torch.uint8
+        if not isinstance(numel, int) or isinstance(numel, bool):
+            continue  # not a storage torch would read: torch.load judges it
+        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        held = records.get(str(key))
+        if held is None or held < nbytes:
+            raise _fail(
+                path,
+                f"corrupt: storage {key} ({numel} x {str(dtype).removeprefix('torch.')}) needs "
+                f"{nbytes} bytes but the file holds {held or 0} for it; the file is damaged",
+            )
 
 
 def _unsafe_global(msg: str) -> str:
