@@ -21,8 +21,9 @@ that holds no weights, pickled code) raises a one-line
 :class:`jft.weights.WeightsError` that names the file.
 
 Nothing in a file is trusted: every header field (safetensors offsets, shapes
-and dtypes, the ``.npy`` headers inside an npz, HDF5 dataset sizes) is checked
-against the file's size before data is read, and nothing outside the file or
+and dtypes, the ``.npy`` headers inside an npz, HDF5 dataset sizes, PyTorch
+storage sizes against their zip records) is checked against the file before
+data is read, and nothing outside the file or
 folder given is opened (a shard index naming ``../x``, a symlink out of the
 folder, an HDF5 external link or external storage are refused). NaN and Inf
 values are returned as they are, so that ``jft inspect`` can show a damaged
