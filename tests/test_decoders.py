@@ -8,6 +8,8 @@ for the ``[max-diff]`` lines.
 
 import json
 import os
+import pathlib
+import re
 
 import numpy as np
 import pytest
@@ -365,3 +367,16 @@ def test_causal_lm_loss_equals_transformers(loaded):
     other = np.where(prompt == 1, (ids + 1) % VOCAB, ids)
     same = loss(logits, {"input_ids": other, "attention_mask": mask, "loss_mask": loss_mask})
     assert float(same) == float(by_masks)
+
+
+def test_readme_decoder_example():
+    """The README's decoder example runs as written: the model learns to count."""
+    text = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text.split("## Decoder language models", 1)[1].split("\n## ", 1)[0]
+    (block,) = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    namespace: dict = {}
+    exec(compile(block, "README decoder example", "exec"), namespace)
+    assert float(namespace["metrics"]["loss"]) < 0.1
+    np.testing.assert_array_equal(
+        namespace["tokens"], [[10, 11, 12, 13, 14, 15], [45, 46, 47, 48, 49, 50]]
+    )
