@@ -36,7 +36,11 @@ def from_pretrained(
 
     Supported ``model_type``: ``bert`` (:class:`jft.models.Bert`, also
     sentence-transformers folders such as all-MiniLM-L6-v2), ``vit``
-    (:class:`jft.models.ViT`) and ``resnet`` (:func:`jft.models.resnet.resnet`).
+    (:class:`jft.models.ViT`), ``resnet`` (:func:`jft.models.resnet.resnet`), and
+    the decoder language models ``gpt2`` (:class:`jft.models.gpt2.GPT2`) and
+    ``llama``, ``mistral``, ``qwen2``, ``qwen3``, ``gemma``, ``gemma2``
+    (:class:`jft.models.llama.Llama`; config options jft does not implement, such
+    as another RoPE scaling type, are refused by name: :mod:`jft.weights._decoders`).
     The weights are read with :func:`jft.weights.read` (``model.safetensors``, a
     sharded index, or ``pytorch_model.bin``) and restored with
     :func:`jft.weights.restore`; the report is logged at INFO level.
