@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import torch
 import transformers
 
+import jft.models
 from jft.errors import JftError
 from jft.models import generate as gen
 from jft.models.llama import Llama
@@ -380,3 +381,13 @@ def test_readme_decoder_example():
     np.testing.assert_array_equal(
         namespace["tokens"], [[10, 11, 12, 13, 14, 15], [45, 46, 47, 48, 49, 50]]
     )
+
+
+def test_registered_names_build_hashable_models():
+    """Every family is a registry name; a list of layer types still makes a hashable model
+    (generate's compiled steps take the model as a static argument)."""
+    for name in ("gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2"):
+        assert name in jft.models.names()
+    sliding = ["sliding_attention"] * 2
+    model = jft.models.get("gemma2", num_layers=2, layer_types=sliding)
+    assert hash(model) == hash(jft.models.get("gemma2", num_layers=2, layer_types=tuple(sliding)))

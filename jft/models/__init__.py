@@ -13,7 +13,9 @@ running statistics (see CONTRIBUTING.md for all conventions).
 from jft.models import cnn, generate, gpt2, layers, llama, mlp, resnet, vgg  # noqa: F401  (registers the models)
 from jft.models.bert import Bert, BertOutput
 from jft.models.cnn import CNN
+from jft.models.gpt2 import GPT2
 from jft.models.layers import compiler_options
+from jft.models.llama import Llama
 from jft.models.mlp import MLP
 from jft.models.registry import get, names, register
 from jft.models.resnet import ResNet, resnet18, resnet34, resnet50
@@ -24,12 +26,15 @@ __all__ = [
     "Bert",
     "BertOutput",
     "CNN",
+    "GPT2",
+    "Llama",
     "MLP",
     "ResNet",
     "VGG",
     "VGGFlattenHead",
     "ViT",
     "compiler_options",
+    "generate",
     "get",
     "names",
     "register",

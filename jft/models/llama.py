@@ -480,7 +480,10 @@ class Llama(LlamaBackbone):
 
 def _family(defaults: dict[str, Any]):
     def build(dtype: Dtype = jnp.float32, **kwargs: Any) -> Llama:
-        return Llama(dtype=dtype, **{**defaults, **kwargs})
+        kwargs = {**defaults, **kwargs}
+        if kwargs.get("layer_types") is not None:  # hashable, so the model can be a static arg
+            kwargs["layer_types"] = tuple(kwargs["layer_types"])
+        return Llama(dtype=dtype, **kwargs)
 
     return build
 
