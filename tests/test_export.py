@@ -11,6 +11,7 @@ Run with ``-s`` for the ``[max-diff]`` lines.
 
 from __future__ import annotations
 
+import functools
 import importlib.resources
 import json
 import os
@@ -154,7 +155,7 @@ def test_bert_model_to_hf(tmp_path):
                 attention_mask=torch.tensor(mask),
                 token_type_ids=torch.tensor(types),
             ).last_hidden_state.numpy()
-        d = max_diff(model.apply(variables, ids, mask, types).last_hidden_state, want)
+        d = max_diff(jax.jit(model.apply)(variables, ids, mask, types).last_hidden_state, want)
         report(f"export bert -> hf BertModel ({name})", d)
         assert d <= TOL
 
@@ -181,7 +182,7 @@ def test_bert_classifier_to_hf(tmp_path):
             attention_mask=torch.tensor(mask),
             token_type_ids=torch.tensor(types),
         ).logits.numpy()
-    d = max_diff(model.apply(variables, ids, mask, types), want)
+    d = max_diff(jax.jit(model.apply)(variables, ids, mask, types), want)
     report("export bert -> hf BertForSequenceClassification", d)
     assert d <= TOL
 
@@ -214,7 +215,7 @@ def test_minilm_to_sentence_transformers(tmp_path):
         == (tokenizer(sentences)["input_ids"])
     )
     hf_load(transformers.BertModel, dest)
-    out = model.apply(variables, ids, mask)
+    out = jax.jit(model.apply)(variables, ids, mask)
     ours = np.asarray(out.pooled) / np.linalg.norm(np.asarray(out.pooled), axis=1, keepdims=True)
     st = SentenceTransformer(dest, device="cpu")
     d = max_diff(ours, st.encode(sentences, convert_to_numpy=True))
@@ -243,7 +244,7 @@ def test_vit_to_hf(tmp_path):
     assert type(back).__name__ == "ViTForImageClassification"
     with torch.no_grad():
         want = back(pixel_values=xt).logits.numpy()
-    d = max_diff(model.apply(variables, x), want)
+    d = max_diff(jax.jit(model.apply)(variables, x), want)
     report("export vit -> hf ViTForImageClassification", d)
     assert d <= TOL
 
@@ -266,7 +267,7 @@ def test_vit_to_timm(tmp_path):
     )  # fmt: skip
     x, xt = images()
     variables, _ = jft.weights.restore(
-        model.init(jax.random.key(0), x), jft.weights.read(src), "vit"
+        jax.eval_shape(model.init, jax.random.key(0), x), jft.weights.read(src), "vit"
     )
     variables = finetune(model, variables, (x,))
     for suffix in ("safetensors", "pth"):
@@ -281,7 +282,7 @@ def test_vit_to_timm(tmp_path):
         back.load_state_dict(sd, strict=True)
         with torch.no_grad():
             want = back(xt).numpy()
-        d = max_diff(model.apply(variables, x), want)
+        d = max_diff(jax.jit(model.apply)(variables, x), want)
         report(f"export vit -> timm VisionTransformer (.{suffix})", d)
         assert d <= TOL
 
@@ -307,7 +308,7 @@ def test_resnet_to_hf(tmp_path):
     assert back.config.id2label[3] == "d"
     with torch.no_grad():
         want = back(pixel_values=xt).logits.numpy()
-    d = max_diff(model.apply(variables, x), want)
+    d = max_diff(jax.jit(model.apply)(variables, x), want)
     report("export resnet -> hf ResNetForImageClassification", d)
     assert d <= TOL
 
@@ -337,7 +338,7 @@ def test_resnet_to_torchvision_and_timm(tmp_path):
     )
     x, xt = images(size=32)
     variables, _ = jft.weights.restore(
-        model.init(jax.random.key(0), x), jft.weights.read(src), "resnet"
+        jax.eval_shape(model.init, jax.random.key(0), x), jft.weights.read(src), "resnet"
     )
     variables = finetune(model, variables, (x,), train_bn=True, steps=2)
     for fmt, build in (("torchvision", tv), ("timm", tm)):
@@ -347,7 +348,7 @@ def test_resnet_to_torchvision_and_timm(tmp_path):
         back.load_state_dict(torch.load(dest, weights_only=True), strict=True)
         with torch.no_grad():
             want = back.eval()(xt).numpy()
-        d = max_diff(model.apply(variables, x), want)
+        d = max_diff(jax.jit(model.apply)(variables, x), want)
         report(f"export resnet -> {fmt} ResNet", d)
         assert d <= TOL
 
@@ -384,7 +385,7 @@ def test_vgg_to_torchvision_and_timm(tmp_path):
         assert_round_trip(src, os.fspath(tmp_path / f"{fmt}-round.safetensors"), fmt)
         model = jft.models.VGG(num_classes=10, layout=fmt, dropout_rate=0.0, **kwargs)
         variables, _ = jft.weights.restore(
-            model.init(jax.random.key(0), x), jft.weights.read(src), "vgg"
+            jax.eval_shape(model.init, jax.random.key(0), x), jft.weights.read(src), "vgg"
         )
         variables = finetune(model, variables, (x,), steps=2)
         dest = os.fspath(tmp_path / f"{fmt}-out.safetensors")
@@ -393,7 +394,7 @@ def test_vgg_to_torchvision_and_timm(tmp_path):
         back.load_state_dict(safetensors.torch.load_file(dest), strict=True)
         with torch.no_grad():
             want = back.eval()(xt).numpy()
-        d = max_diff(model.apply(variables, x), want)
+        d = max_diff(jax.jit(model.apply)(variables, x), want)
         report(f"export vgg -> {fmt} VGG", d)
         assert d <= TOL
 
@@ -424,7 +425,7 @@ def test_vgg_to_keras(tmp_path):
     model = jft.models.get("vgg16_flatten", hidden=1024, num_classes=10)
     x = np.random.RandomState(1).randn(2, 32, 32, 3).astype(np.float32)
     variables, report_ = jft.weights.restore(
-        model.init(jax.random.key(0), x), jft.weights.read(src), "vgg"
+        jax.eval_shape(model.init, jax.random.key(0), x), jft.weights.read(src), "vgg"
     )
     assert not report_.kept and not report_.unused, report_
     variables = finetune(model, variables, (x,), steps=2, lr=1e-3)
@@ -445,12 +446,22 @@ def test_vgg_to_keras(tmp_path):
 # ----------------------------------------------------------------------------- jft's own formats
 
 
+@functools.cache
+def _tiny_resnet():
+    model = jft.models.get("resnet", stage_sizes=(1, 1), widths=(4, 8), stem_width=4, num_classes=2)
+    return jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
+
+
+def tiny_resnet():
+    """A small ResNet's variables (initialized once per session)."""
+    return jax.tree.map(np.asarray, _tiny_resnet())
+
+
 @pytest.mark.parametrize(
     "fmt,name", [("safetensors", "w.safetensors"), ("npz", "w.npz"), ("orbax", "w")]
 )
 def test_own_formats(tmp_path, fmt, name):
-    model = jft.models.get("resnet", stage_sizes=(1, 1), widths=(4, 8), stem_width=4, num_classes=2)
-    variables = model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
+    variables = tiny_resnet()
     dest = jft.weights.export(variables, tmp_path / name, fmt)
     got = jft.weights.read(dest)
     flat = traverse_util.flatten_dict(variables, sep="/")
@@ -462,8 +473,7 @@ def test_own_formats(tmp_path, fmt, name):
 
 
 def test_bfloat16_and_float16(tmp_path):
-    model = jft.models.get("resnet", stage_sizes=(1, 1), widths=(4, 8), stem_width=4, num_classes=2)
-    variables = model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
+    variables = tiny_resnet()
     for dtype in ("bfloat16", "float16"):
         dest = jft.weights.export(variables, tmp_path / f"{dtype}.safetensors", "timm", dtype=dtype)
         sd = safetensors.torch.load_file(dest)
@@ -477,8 +487,7 @@ def test_bfloat16_and_float16(tmp_path):
 
 
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path):
-    model = jft.models.get("resnet", stage_sizes=(1, 1), widths=(4, 8), stem_width=4, num_classes=2)
-    variables = model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
+    variables = tiny_resnet()
     exists = tmp_path / "exists.safetensors"
     exists.write_bytes(b"keep")
     blocker = tmp_path / "a-file"
