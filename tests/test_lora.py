@@ -3,6 +3,8 @@
 Run with ``-s`` for the FLOPs ratio and the bf16 merge difference.
 """
 
+import os
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -12,8 +14,10 @@ import pytest
 
 import jft.models
 import jft.peft
+import jft.train
 from jft import partition, train
 from jft.peft import LoraConfig, LoraError
+from jft.train.checkpoint import read_params
 
 BERT = dict(
     vocab_size=100,
@@ -177,6 +181,13 @@ def test_starts_as_the_base_and_keeps_its_arrays(bert, variant):
     change = np.max(np.abs(lora.apply(moved, ids) - base_out))
     assert change > 1e-4  # the adapters act (float32 rounding is ~1e-7 here)
     assert jft.peft.strip_adapters(moved["params"]).keys() == variables["params"].keys()
+    if variant == "dora":  # new base weights under the adapters: reset_magnitudes re-fits m
+        other = jax.tree.map(lambda p: p * 1.5, variables["params"])
+        params = partition.merge(other, jft.peft.adapters(adapted["params"]))
+        params = jft.peft.reset_magnitudes(params, config)
+        np.testing.assert_allclose(
+            lora.apply({"params": params}, ids), model.apply({"params": other}, ids), atol=1e-6
+        )
 
 
 def test_dropout_on_the_adapter_input_in_training_only(bert):
@@ -276,3 +287,60 @@ def test_merge_in_float32_and_bf16_difference(bert):
     diff = float(np.max(np.abs(a - b)))
     print(f"\n[bf16] merged vs adapter model, BERT 1x32 DoRA logits: max |diff| {diff:.2e}")
     assert diff < 0.1
+
+
+# ----------------------------------------------------------------------------- config.lora
+
+
+def _digits_run(classes, **overrides):
+    import ml_collections
+
+    c = jft.train.default_config()
+    c.data.name = "digits"
+    c.data.keep_classes = classes
+    c.data.batch_size = 64
+    c.model = ml_collections.ConfigDict({"name": "mlp", "widths": (32,), "num_classes": 5})
+    c.optimizer = ml_collections.ConfigDict({"name": "adam", "lr": 1e-2})
+    c.num_steps, c.log_every, c.eval_every, c.checkpoint.every = 30, 10, 30, 30
+    c.progress = False
+    for k, v in overrides.items():
+        group, _, leaf = k.rpartition(".")
+        (c[group] if group else c)[leaf] = v
+    return c
+
+
+def test_config_lora_keys_run_a_dora_stage_on_a_pretrained_base(tmp_path, monkeypatch):
+    import ml_collections
+
+    monkeypatch.setenv("JFT_DATA_DIR", os.environ.get("JFT_DATA_DIR", str(tmp_path / "tfds")))
+    config = ml_collections.ConfigDict()
+    config.stages = ("base", "dora")
+    config.base = _digits_run((0, 1, 2, 3, 4))
+    config.dora = _digits_run(
+        (5, 6, 7, 8, 9),
+        **{
+            "init.path": "stage:base",
+            "lora.targets": ("backbone/dense_0",),
+            "lora.rank": 4,
+            "lora.variant": "dora",
+        },
+    )
+    jft.train.train_and_evaluate(config, tmp_path / "run")
+    resolved = jft.train.config.resolve(config.dora)
+    rules = jft.train.config.build_rules(resolved)
+    assert [r for r, _ in rules] == [jft.peft.ADAPTER_REGEX, "head/.*", ".*"]
+    assert rules[-1][1] is None
+    model = jft.train.config.build_model(resolved, 5)
+    assert isinstance(model, jft.peft.LoraModel)
+    # The run's checkpoint holds the base frozen, as the base stage left it, and the adapters.
+    base = read_params(tmp_path / "run" / "base")
+    tuned = read_params(tmp_path / "run" / "dora")
+    dense = "params/backbone/dense_0/"
+    np.testing.assert_array_equal(tuned[dense + "kernel"], base[dense + "kernel"])
+    assert tuned[dense + "lora_A"].shape == (64, 4) and np.any(tuned[dense + "lora_B"])
+    assert tuned[dense + "lora_magnitude"].shape == (32,)
+    result = jft.train.evaluate(tmp_path / "run" / "dora")
+    assert result["accuracy"] > 0.5  # 5 classes: chance is 0.2
+    bad = _digits_run((5, 6), **{"lora.targets": ("backbone/dense_0",), "lora.rank": 0})
+    with pytest.raises(LoraError, match="lora.rank=0"):
+        jft.train.config.resolve(bad)

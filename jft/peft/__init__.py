@@ -27,7 +27,7 @@ from jft.peft.config import (
 )
 from jft.peft.hf import load_adapter, save_adapter
 from jft.peft.lora import LoraModel, init_adapters, lora
-from jft.peft.merge import delta, merge, unmerge
+from jft.peft.merge import delta, merge, reset_magnitudes, unmerge
 
 __all__ = [
     "ADAPTER_LEAVES",
@@ -43,6 +43,7 @@ __all__ = [
     "load_adapter",
     "lora",
     "merge",
+    "reset_magnitudes",
     "resolve_targets",
     "save_adapter",
     "strip_adapters",

@@ -30,6 +30,7 @@ where :math:`x'` is the dropped-out input (:math:`x` in evaluation).
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -161,12 +162,24 @@ def _features(module: nn.DenseGeneral) -> tuple[int, ...]:
     return module.features if isinstance(module.features, tuple) else (module.features,)
 
 
-def _interceptor(targets: frozenset[str], config: LoraConfig, train: bool, seen: set[str]):
+def _interceptor(targets: frozenset[str] | None, config: LoraConfig, train: bool, seen: set[str]):
+    """The method interceptor that adds the adapters; ``targets=None``: match as called (init)."""
     busy = []  # the adapter's own conv runs as a module too: leave it alone
+    patterns = [re.compile(t) for t in config.targets]
+
+    def targeted(module: nn.Module) -> bool:
+        path = _path(module)
+        if targets is not None:
+            return path in targets
+        # Init: containers whose paths match too are passed through; resolve_targets
+        # checks the finished tree.
+        return isinstance(module, _ADAPTABLE) and any(
+            p.fullmatch(path) or p.fullmatch(f"{path}/kernel") for p in patterns
+        )
 
     def intercept(next_fun, args, kwargs, context):
         module = context.module
-        if busy or context.method_name != "__call__" or _path(module) not in targets:
+        if busy or context.method_name != "__call__" or not targeted(module):
             return next_fun(*args, **kwargs)
         busy.append(module)
         try:
@@ -247,13 +260,21 @@ class LoraModel(nn.Module):
         )
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        """Runs ``base(*args, **kwargs)`` with the adapters."""
-        params = self.variables.get("params", {})
-        targets = frozenset(resolve_targets(params, self.config))
+        """Runs ``base(*args, **kwargs)`` with the adapters.
+
+        Under ``init`` (no parameters yet) the targets are the modules whose paths
+        the regexes match as they are called, checked against the new tree after.
+        """
+        initializing = self.is_initializing() and not self.variables.get("params")
+        targets = None
+        if not initializing:
+            targets = frozenset(resolve_targets(self.variables["params"], self.config))
         seen: set[str] = set()
         interceptor = _interceptor(targets, self.config, bool(kwargs.get("train")), seen)
         with nn.intercept_methods(interceptor):
             out = self.base(*args, **kwargs)
+        if initializing:
+            targets = frozenset(resolve_targets(self.variables["params"], self.config))
         missed = sorted(targets - seen)
         if missed:
             raise LoraError(

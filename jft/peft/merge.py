@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from jft.peft.config import ADAPTER_LEAVES, LoraConfig, LoraError
 
-__all__ = ["delta", "merge", "unmerge"]
+__all__ = ["delta", "merge", "reset_magnitudes", "unmerge"]
 
 _NORM = "lora_weight_norm"  # DoRA's n, kept by merge(keep_adapters=True) for unmerge
 
@@ -116,3 +116,22 @@ def unmerge(merged: Mapping[str, Any], config: LoraConfig) -> dict[str, Any]:
         return out
 
     return _walk(merged, unmerge_one)
+
+
+def reset_magnitudes(params: Mapping[str, Any], config: LoraConfig) -> dict[str, Any]:
+    """``params`` with each DoRA magnitude set to :math:`\\lVert W + s A B \\rVert` (float32).
+
+    That is DoRA's initial magnitude, with which the adapted model equals the
+    base while :math:`B = 0`. Call it after loading new base weights into a tree
+    whose adapters were initialised on other ones (a random init). Without DoRA,
+    ``params`` is returned as it is.
+    """
+    if not config.use_dora:
+        return dict(params)
+
+    def reset(module: Mapping[str, Any]) -> dict[str, Any]:
+        w, _, _ = _matrices(module)
+        v = w + delta(module, config).reshape(w.shape)
+        return {**module, "lora_magnitude": jnp.linalg.norm(v, axis=0)}
+
+    return _walk(params, reset)

@@ -24,7 +24,7 @@ from typing import Any
 import ml_collections
 import optax
 
-from jft import data, models, optim
+from jft import data, models, optim, peft
 from jft.errors import JftError
 from jft.train import losses
 
@@ -32,6 +32,8 @@ __all__ = [
     "ConfigError",
     "build_optimizer",
     "build_rules",
+    "init_skip",
+    "lora_config",
     "check_run",
     "default_config",
     "optimizer_keys",
@@ -68,6 +70,15 @@ def default_config() -> ml_collections.ConfigDict:
     # Optimizer
     c.optimizer = ml_collections.ConfigDict({"name": "adam", "lr": 1e-3})
     c.frozen = ()  # regexes of frozen parameters, e.g. ("backbone/.*",)
+    # LoRA (jft.peft): on when lora.targets names modules; then only the adapters and
+    # lora.modules_to_save train, and the rest is a frozen base.
+    c.lora = ml_collections.ConfigDict()
+    c.lora.targets = ()  # regexes of module paths, e.g. (r"backbone/.*attention/(query|value)",)
+    c.lora.rank = 8
+    c.lora.alpha = 16.0
+    c.lora.dropout = 0.0
+    c.lora.variant = "lora"  # lora | rslora | dora | rsdora
+    c.lora.modules_to_save = ("head",)  # module paths trained whole next to the adapters
     c.clip_grad_norm = 0.0  # 0: no clipping
     c.loss = ml_collections.ConfigDict({"name": "softmax_xent", "label_smoothing": 0.0})
 
@@ -230,6 +241,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check_loss(c)
     _check_lr(c)
     build_optimizer(c)
+    lora_config(c)  # a LoraError names the lora.* key
     for regex in c.frozen:
         try:
             re.compile(regex)
@@ -493,9 +505,33 @@ def learning_rate(config: ml_collections.ConfigDict) -> optax.ScalarOrSchedule:
 
 
 def build_rules(config: ml_collections.ConfigDict) -> list[tuple[str, Any]]:
-    """Partition rules: ``(regex, None)`` for each of ``config.frozen``, then everything else."""
+    """Partition rules: ``(regex, None)`` for each of ``config.frozen``, then everything else.
+
+    With LoRA (``config.lora.targets``), everything else is the adapters and
+    ``lora.modules_to_save``, and the rest of the model is frozen.
+    """
     tx = build_optimizer(config)
-    return [(r, None) for r in config.frozen] + [(".*", tx)]
+    frozen = [(r, None) for r in config.frozen]
+    if lora_config(config) is not None:
+        also = [f"{re.escape(m)}/.*" for m in config.lora.modules_to_save]
+        return frozen + peft.adapter_rules(tx, also=also)
+    return frozen + [(".*", tx)]
+
+
+def lora_config(config: ml_collections.ConfigDict) -> peft.LoraConfig | None:
+    """The :class:`jft.peft.LoraConfig` of ``config.lora``, or None when LoRA is off."""
+    c = config.lora
+    if not c.targets:
+        return None
+    return peft.LoraConfig(
+        targets=tuple(c.targets), rank=c.rank, alpha=c.alpha, dropout=c.dropout, variant=c.variant
+    )
+
+
+def init_skip(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """``config.init.skip``, plus the adapters when LoRA is on (no weights file holds them)."""
+    skip = tuple(config.init.skip)
+    return skip + (peft.ADAPTER_REGEX,) if lora_config(config) is not None else skip
 
 
 def build_model(config: ml_collections.ConfigDict, num_classes: int, dtype: Any = None) -> Any:
@@ -514,6 +550,8 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int, dtype: Any 
     if dtype is not None:
         kwargs["dtype"] = dtype
     try:
-        return models.get(name, **kwargs)
+        model = models.get(name, **kwargs)
     except TypeError as e:
         raise ConfigError(f"model '{name}' does not take these config.model keys: {e}") from None
+    lora = lora_config(config)
+    return model if lora is None else peft.lora(model, lora)

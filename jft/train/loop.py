@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jft import data, weights
+from jft import data, peft, weights
 from jft.errors import JftError
 from jft.train import checkpoint as ckpt_lib
 from jft.train import config as config_lib
@@ -89,11 +89,14 @@ def _pretrained(variables: dict[str, Any], config: ml_collections.ConfigDict) ->
         variables,
         flat,
         arch,
-        skip=tuple(config.init.skip),
+        skip=config_lib.init_skip(config),
         strict=config.init.strict,
         source=path,
     )
     _log(f"init from {path}: {str(report).splitlines()[0]}")
+    lora = config_lib.lora_config(config)
+    if lora is not None:  # DoRA's magnitudes start at the norms of the weights just loaded
+        variables = {**variables, "params": peft.reset_magnitudes(variables["params"], lora)}
     return variables
 
 
