@@ -249,20 +249,21 @@ def timm_vgg16(tmp_path_factory):
     ref = timm.create_model("vgg16", pretrained=False, num_classes=10).eval()
     x = _images((2, 3, 64, 64), seed=2)
     with torch.no_grad():
-        logits = {s: ref(torch.from_numpy(x[:, :, :s, :s])).numpy() for s in (32, 64)}
+        logits = {s: ref(torch.from_numpy(x[:, :, :s, :s])).numpy() for s in (32, 35, 64)}
     paths = _save_torch_formats(ref.state_dict(), tmp_path_factory.mktemp("vgg16"))
     return paths, x, logits
 
 
 @pytest.mark.parametrize("fmt", ["pth", "safetensors", "npz"])
 def test_timm_vgg16(timm_vgg16, fmt):
-    """32×32 (a 1×1 map spread over 7×7) and 64×64 (2×2 over 7×7, uneven bins)."""
+    """32×32 (a 1×1 map spread over 7×7), 35×35 (odd maps, 4×4 and 2×2 stages on
+    the CPU's per-tap convolutions) and 64×64 (2×2 over 7×7, uneven bins)."""
     paths, x, logits = timm_vgg16
     model = jft.models.get("vgg16", num_classes=10, layout="timm")
     flat = jft.weights.read(paths[fmt])
     variables, report = _restore(model, flat, "vgg", (1, 32, 32, 3))
     assert not report.kept and not report.unused, report
-    for s in (32, 64):
+    for s in (32, 35, 64):
         _check(
             "timm vgg16", _apply(model, variables, x[:, :, :s, :s].transpose(0, 2, 3, 1)), logits[s]
         )
@@ -352,3 +353,151 @@ def test_keras_vgg16_no_top(keras_vgg16, fmt):
     )
     pooled = _apply(model, variables, k["x"])
     _check("keras VGG16 include_top=False", pooled, k["features"].mean(axis=(1, 2)))
+
+
+# --- Small inputs, train mode and gradients: the CPU kernels against PyTorch -------
+#
+# Maps of a few pixels send every convolution through one of jft.ops's CPU
+# formulations (per-tap matmuls onto <= 4x4 maps, strided convs with per-tap
+# gradients, a stem over an image's 3 channels that keeps XLA's own). Each model
+# is compared in eval mode, in train mode (batch statistics) and in the gradient
+# of sum(logits * r) with respect to the input and every parameter. Gradients are
+# compared relative to their largest entry: float32 sums differ with their order
+# by ~1e-6 of it. A batch of 16 keeps train-mode BatchNorm on 1x1 maps well
+# conditioned: over 4 values per channel PyTorch's own float32 gradient is 3e-4
+# away from its float64 one, and jft's (CPU kernels or XLA's ops) as far.
+
+GRAD_RTOL = 1e-4
+
+
+def _torch_grads(ref, x, r):
+    """Train-mode logits and the gradients of sum(logits * r) in the state dict's names."""
+    ref.train()
+    xt = torch.from_numpy(x).requires_grad_(True)
+    logits = ref(xt)
+    (logits * torch.from_numpy(r)).sum().backward()
+    flat = {k: v.detach().numpy().copy() for k, v in ref.state_dict().items()}
+    flat.update({k: p.grad.numpy() for k, p in ref.named_parameters()})
+    ref.zero_grad()
+    ref.eval()
+    return logits.detach().numpy(), flat, xt.grad.numpy()
+
+
+def _jft_train_grads(model, variables, x, r):
+    def loss(params, x):
+        v = {"params": params, "batch_stats": variables["batch_stats"]}
+        logits, _ = model.apply(v, x, train=True, mutable=["batch_stats"])
+        return jnp.sum(logits * r), logits
+
+    (_, logits), (gp, gx) = jax.jit(jax.value_and_grad(loss, (0, 1), has_aux=True))(
+        variables["params"], x
+    )
+    return logits, gp, gx
+
+
+def _check_grads(arch, ours, ref):
+    ours, ref = np.asarray(ours), np.asarray(ref)
+    assert ours.shape == ref.shape, (arch, ours.shape, ref.shape)
+    d = float(np.abs(ours - ref).max()) / max(float(np.abs(ref).max()), 1e-30)
+    MAX_DIFF[arch] = max(MAX_DIFF.get(arch, 0.0), d)
+    assert d <= GRAD_RTOL, f"{arch}: max |jft - torch| / max |torch| = {d:.3e} > {GRAD_RTOL}"
+
+
+def _compare_small(arch, model, ref, arch_map, x, num_classes, variables):
+    """Eval logits, train logits and all gradients of ``model`` against ``ref``."""
+    r = np.random.RandomState(1).randn(x.shape[0], num_classes).astype(np.float32)
+    xh = x.transpose(0, 2, 3, 1)
+    with torch.no_grad():
+        _check(f"{arch} eval", _apply(model, variables, xh), ref(torch.from_numpy(x)).numpy())
+    logits_t, grads_t, gx_t = _torch_grads(ref, x, r)
+    logits, gp, gx = _jft_train_grads(model, variables, xh, r)
+    _check(f"{arch} train", logits, logits_t)
+    _check_grads(f"{arch} d/dinput", np.asarray(gx).transpose(0, 3, 1, 2), gx_t)
+    expected, _ = arch_map(grads_t)
+    for path, g in jax.tree_util.tree_leaves_with_path(gp):
+        key = "params/" + "/".join(k.key for k in path)
+        _check_grads(f"{arch} d/dparams", g, expected[key])
+
+
+@pytest.mark.parametrize("size", [4, 7])
+def test_resnet18_small_inputs_against_timm(size):
+    # 4x4 is issue 13's bug 2: the stem (3 channels, stride 2) returned a 4x4 map
+    # instead of 2x2, 7e-4 away from PyTorch in eval mode.
+    timm = import_timm()
+    torch.manual_seed(0)
+    ref = timm.create_model("resnet18", pretrained=False, num_classes=10).eval()
+    _randomize_bn(ref)
+    model = jft.models.get("resnet18", num_classes=10)
+    flat = {k: v.numpy() for k, v in ref.state_dict().items()}
+    variables, _ = _restore(model, flat, "resnet", (1, 64, 64, 3))
+    x = _images((16, 3, size, size), seed=size)
+    _compare_small(
+        f"timm resnet18 {size}x{size}",
+        model,
+        ref,
+        jft.weights.keymaps.get("resnet"),
+        x,
+        10,
+        variables,
+    )
+
+
+class _TorchCNN(torch.nn.Module):
+    """jft.models.cnn in PyTorch: conv3x3-BN-ReLU stages, 2x2 max pools between
+    (skipped once the map is narrower than 2), global average pool, head."""
+
+    def __init__(self, widths, in_ch, num_classes):
+        super().__init__()
+        chans = [in_ch, *widths]
+        self.convs = torch.nn.ModuleList(
+            torch.nn.Conv2d(a, b, 3, padding=1, bias=False)
+            for a, b in zip(chans[:-1], widths, strict=True)
+        )
+        self.bns = torch.nn.ModuleList(torch.nn.BatchNorm2d(w) for w in widths)
+        self.head = torch.nn.Linear(widths[-1], num_classes)
+
+    def forward(self, x):
+        for i, (conv, bn) in enumerate(zip(self.convs, self.bns, strict=True)):
+            if i and min(x.shape[2:]) >= 2:
+                x = torch.nn.functional.max_pool2d(x, 2)
+            x = torch.relu(bn(conv(x)))
+        return self.head(x.mean((2, 3)))
+
+
+def _cnn_map(flat):
+    """_TorchCNN's state dict names -> jft CNN variable paths, kernels transposed."""
+    mapped = {}
+    for name, a in flat.items():
+        kind, *rest = name.split(".")
+        if kind == "head":
+            mapped[f"params/head/{'kernel' if rest[0] == 'weight' else 'bias'}"] = (
+                a.T if rest[0] == "weight" else a
+            )
+            continue
+        i, leaf = int(rest[0]) + 1, rest[1]
+        if kind == "convs":
+            mapped[f"params/backbone/conv{i}/kernel"] = a.transpose(2, 3, 1, 0)
+        elif leaf in ("weight", "bias"):
+            mapped[f"params/backbone/bn{i}/{'scale' if leaf == 'weight' else 'bias'}"] = a
+        elif leaf in ("running_mean", "running_var"):
+            mapped[f"batch_stats/backbone/bn{i}/{leaf[8:]}"] = a
+    return mapped, []
+
+
+@pytest.mark.parametrize("size", [3, 4, 5, 8])
+def test_cnn_small_inputs_against_torch(size):
+    torch.manual_seed(0)
+    ref = _TorchCNN((8, 16, 32), 1, 5).eval()
+    _randomize_bn(ref)
+    model = jft.models.get("cnn", widths=(8, 16, 32), num_classes=5, dropout_rate=0.0)
+    mapped, _ = _cnn_map({k: v.numpy() for k, v in ref.state_dict().items()})
+    template = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8, 8, 1)))
+    flat_paths = jax.tree_util.tree_leaves_with_path(template)
+    assert {"/".join(k.key for k in p) for p, _ in flat_paths} == set(mapped)
+    variables = jax.tree_util.tree_map_with_path(
+        lambda p, _: jnp.asarray(mapped["/".join(k.key for k in p)]), template
+    )
+    # Rounded inputs: ties in the max pools, where the gradient must go to the
+    # first maximum as PyTorch's does.
+    x = np.round(_images((4, 1, size, size), seed=size))
+    _compare_small(f"cnn {size}x{size}", model, ref, _cnn_map, x, 5, variables)
