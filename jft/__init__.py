@@ -13,17 +13,18 @@ from typing import TYPE_CHECKING
 from jft import errors
 
 if TYPE_CHECKING:  # what the lazy __getattr__ below returns, for type checkers and IDEs
-    from jft import data, models, optim, partition, peft, train, weights
+    from jft import data, models, ops, optim, partition, peft, train, weights
 
 __version__ = "0.1.0"
 
-_SUBPACKAGES = ("data", "models", "optim", "partition", "peft", "train", "weights")
+_SUBPACKAGES = ("data", "models", "ops", "optim", "partition", "peft", "train", "weights")
 
 __all__ = [
     "__version__",
     "data",
     "errors",
     "models",
+    "ops",
     "optim",
     "partition",
     "peft",
