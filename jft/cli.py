@@ -432,7 +432,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--format",
         required=True,
-        choices=("hf", "timm", "torchvision", "keras", "safetensors", "npz", "orbax"),
+        choices=("hf", "timm", "torchvision", "keras", "safetensors", "npz", "orbax", "peft"),
     )
     p.add_argument("--step", type=int, default=None, help="a run's step (default: latest)")
     p.add_argument("--dtype", default=None, choices=("bfloat16", "float16", "float32"))

@@ -3,6 +3,7 @@
 Run with ``-s`` for the FLOPs ratio and the bf16 merge difference.
 """
 
+import json
 import os
 
 import flax.linen as nn
@@ -11,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import traverse_util
 
 import jft.models
 import jft.peft
@@ -299,7 +301,10 @@ def _digits_run(classes, **overrides):
     c.data.name = "digits"
     c.data.keep_classes = classes
     c.data.batch_size = 64
-    c.model = ml_collections.ConfigDict({"name": "mlp", "widths": (32,), "num_classes": 5})
+    c.model = ml_collections.ConfigDict(
+        dict(name="vit", image_size=8, patch_size=4, hidden_size=16, num_layers=1, num_heads=2)
+    )
+    c.model.mlp_dim, c.model.num_classes = 32, 5
     c.optimizer = ml_collections.ConfigDict({"name": "adam", "lr": 1e-2})
     c.num_steps, c.log_every, c.eval_every, c.checkpoint.every = 30, 10, 30, 30
     c.progress = False
@@ -309,7 +314,7 @@ def _digits_run(classes, **overrides):
     return c
 
 
-def test_config_lora_keys_run_a_dora_stage_on_a_pretrained_base(tmp_path, monkeypatch):
+def test_config_lora_keys_run_a_dora_stage_on_a_pretrained_base_and_export(tmp_path, monkeypatch):
     import ml_collections
 
     monkeypatch.setenv("JFT_DATA_DIR", os.environ.get("JFT_DATA_DIR", str(tmp_path / "tfds")))
@@ -320,7 +325,7 @@ def test_config_lora_keys_run_a_dora_stage_on_a_pretrained_base(tmp_path, monkey
         (5, 6, 7, 8, 9),
         **{
             "init.path": "stage:base",
-            "lora.targets": ("backbone/dense_0",),
+            "lora.targets": (QV, "backbone/embeddings/patch_embed"),
             "lora.rank": 4,
             "lora.variant": "dora",
         },
@@ -335,12 +340,33 @@ def test_config_lora_keys_run_a_dora_stage_on_a_pretrained_base(tmp_path, monkey
     # The run's checkpoint holds the base frozen, as the base stage left it, and the adapters.
     base = read_params(tmp_path / "run" / "base")
     tuned = read_params(tmp_path / "run" / "dora")
-    dense = "params/backbone/dense_0/"
-    np.testing.assert_array_equal(tuned[dense + "kernel"], base[dense + "kernel"])
-    assert tuned[dense + "lora_A"].shape == (64, 4) and np.any(tuned[dense + "lora_B"])
-    assert tuned[dense + "lora_magnitude"].shape == (32,)
+    conv = "params/backbone/embeddings/patch_embed/"
+    np.testing.assert_array_equal(tuned[conv + "kernel"], base[conv + "kernel"])
+    assert tuned[conv + "lora_A"].shape == (4, 4, 1, 4) and np.any(tuned[conv + "lora_B"])
+    assert tuned[conv + "lora_magnitude"].shape == (16,)
     result = jft.train.evaluate(tmp_path / "run" / "dora")
-    assert result["accuracy"] > 0.5  # 5 classes: chance is 0.2
-    bad = _digits_run((5, 6), **{"lora.targets": ("backbone/dense_0",), "lora.rank": 0})
+    assert result["accuracy"] > 0.4  # 5 classes: chance is 0.2
+
+    # jft export RUN DEST --format peft: the adapters and the head as a PEFT folder.
+    from jft import cli
+
+    dest = tmp_path / "adapter"
+    assert cli.main(["export", str(tmp_path / "run" / "dora"), str(dest), "--format", "peft"]) == 0
+    saved = json.loads((dest / "adapter_config.json").read_text())
+    assert saved["use_dora"] and saved["modules_to_save"] == ["classifier"]
+    assert "vit.embeddings.patch_embeddings.projection" in saved["target_modules"]
+    base_params = {k: v for k, v in base.items() if k.startswith("params/")}
+    base_params = traverse_util.unflatten_dict(
+        {k[len("params/") :]: v for k, v in base_params.items()}, sep="/"
+    )
+    loaded, lora_config = jft.peft.load_adapter(dest, base_params, "vit")
+    flat = traverse_util.flatten_dict(loaded, sep="/")
+    for path, value in flat.items():
+        np.testing.assert_allclose(value, tuned["params/" + path], atol=1e-7, err_msg=path)
+    assert lora_config.variant == "dora" and lora_config.rank == 4
+    with pytest.raises(jft.train.checkpoint.CheckpointError, match="no adapters"):
+        jft.train.export(tmp_path / "run" / "base", tmp_path / "x", format="peft")
+
+    bad = _digits_run((5, 6), **{"lora.targets": (QV,), "lora.rank": 0})
     with pytest.raises(LoraError, match="lora.rank=0"):
         jft.train.config.resolve(bad)

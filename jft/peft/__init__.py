@@ -25,7 +25,7 @@ from jft.peft.config import (
     resolve_targets,
     strip_adapters,
 )
-from jft.peft.hf import load_adapter, save_adapter
+from jft.peft.hf import arch_of, load_adapter, save_adapter
 from jft.peft.lora import LoraModel, init_adapters, lora
 from jft.peft.merge import delta, merge, reset_magnitudes, unmerge
 
@@ -38,6 +38,7 @@ __all__ = [
     "LoraModel",
     "adapter_rules",
     "adapters",
+    "arch_of",
     "delta",
     "init_adapters",
     "load_adapter",

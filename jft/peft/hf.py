@@ -32,7 +32,7 @@ from jft.weights.keymaps._table import Rule, Table
 from jft.weights.readers import read_safetensors
 from jft.weights.writers import write_safetensors
 
-__all__ = ["ARCHS", "CONFIG_NAME", "WEIGHTS_NAME", "load_adapter", "save_adapter"]
+__all__ = ["ARCHS", "CONFIG_NAME", "WEIGHTS_NAME", "arch_of", "load_adapter", "save_adapter"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -55,6 +55,25 @@ ARCHS: dict[str, tuple[tuple[Rule, ...], tuple[Rule, ...], str]] = {
     ),
 }
 """The architectures whose adapters travel as PEFT folders."""
+
+
+def arch_of(model: Any) -> str:
+    """The :data:`ARCHS` name of a jft model (a :class:`~jft.peft.LoraModel`'s base).
+
+    Raises:
+      LoraError: a model whose adapters have no PEFT module names.
+    """
+    from jft import models
+
+    base = getattr(model, "base", model)
+    kinds = {models.Bert: "bert", models.ViT: "vit"}
+    arch = next((a for cls, a in kinds.items() if isinstance(base, cls)), None)
+    if arch is None:
+        raise LoraError(
+            f"{type(base).__name__} adapters have no PEFT module names; PEFT folders are "
+            f"written for {sorted(ARCHS)}"
+        )
+    return arch
 
 
 def _arch(arch: str) -> tuple[tuple[Rule, ...], tuple[Rule, ...], str]:

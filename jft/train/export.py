@@ -15,7 +15,7 @@ from typing import Any
 
 import ml_collections
 
-from jft import weights
+from jft import peft, weights
 from jft.train import config as config_lib
 from jft.train.checkpoint import CheckpointError, is_checkpoint_dir, read_config, read_params
 
@@ -53,7 +53,8 @@ def export(
       src: a run's workdir or checkpoint directory; or anything
         :func:`jft.weights.export` takes (a weights file, a Hugging Face folder).
       dst: the file or folder to create.
-      format: see :data:`jft.weights.export.FORMATS`; None: by ``dst``'s suffix.
+      format: see :data:`jft.weights.export.FORMATS`; None: by ``dst``'s suffix;
+        ``"peft"``: a LoRA run's adapters as a Hugging Face PEFT folder.
       step: the step to export instead of the latest.
       dtype, labels, max_shard_size, overwrite: see :func:`jft.weights.export`.
       like: a Hugging Face folder for ``config.json`` and tokenizer; default: the
@@ -71,6 +72,8 @@ def export(
         raise CheckpointError(f"{dst}: already exists; pass --overwrite to replace it")
     if format is None:
         format = _BY_SUFFIX.get(os.path.splitext(dst)[1].lower(), "orbax")
+    if format == "peft":
+        return _export_peft(src, dst, step)
     kwargs: dict[str, Any] = dict(
         dtype=dtype, labels=labels, max_shard_size=max_shard_size, overwrite=overwrite
     )
@@ -80,6 +83,38 @@ def export(
     model, init_folder = _run_model(src, step, variables)
     like = like if like is not None else init_folder
     return weights.export(variables, dst, format, model=model, like=like, **kwargs)
+
+
+def _export_peft(src: str | os.PathLike, dst: str, step: int | None) -> str:
+    """A LoRA run's adapters and ``lora.modules_to_save`` as a PEFT folder (:mod:`jft.peft`)."""
+    from flax import traverse_util
+
+    if not _is_run(src):
+        raise CheckpointError(f"{src}: --format peft writes a LoRA run's adapters; give a workdir")
+    config = config_lib.resolve(read_config(src, step=step))
+    lora = config_lib.lora_config(config)
+    if lora is None:
+        raise CheckpointError(
+            f"{src}: the run has no adapters (its config.lora.targets is empty); "
+            "export it with --format hf"
+        )
+    flat = read_params(src, step=step)
+    params = traverse_util.unflatten_dict(
+        {k.removeprefix("params/"): v for k, v in flat.items() if k.startswith("params/")},
+        sep="/",
+    )
+    head = flat.get("params/head/kernel")
+    model = config_lib.build_model(config, 0 if head is None else int(head.shape[-1]))
+    saved = [m for m in config.lora.modules_to_save if f"params/{m}/kernel" in flat]
+    peft.save_adapter(
+        dst,
+        params,
+        lora,
+        peft.arch_of(model),
+        modules_to_save=saved,
+        base_model_name_or_path=config.init.path or None,
+    )
+    return dst
 
 
 def _is_run(src: str | os.PathLike) -> bool:
