@@ -61,7 +61,8 @@ def export(
       Face folder; ``src`` itself when it is one) and/or from ``model``; the
       tokenizer and sentence-transformers files of that folder are copied, and
       its tensors that jft does not model (a pooler, ``position_ids``) are
-      carried over unchanged;
+      carried over unchanged (a headless ViT with no such folder has no pooler:
+      load it with ``ViTModel.from_pretrained(dest, add_pooling_layer=False)``);
     - ``"timm"`` / ``"torchvision"``: a state dict, ``.safetensors`` or ``.pth``
       (by ``dest``'s suffix; ``.pth`` needs torch), for ``load_state_dict``;
     - ``"keras"``: a legacy ``.h5`` that the Keras model loads with
