@@ -6,15 +6,20 @@ positions; with a KV cache of length ``S`` the ``T`` new tokens sit in slots
 ``attention_mask`` is 1. The causal and sliding-window masks compare slots (as
 Hugging Face's ``cache_position`` does), while RoPE and learned position
 embeddings read the *position ids*, which with left padding differ from slots.
+
+Also here: RoPE (:func:`rope_frequencies`, :func:`apply_rope`) and
+:class:`RMSNorm`, in ``transformers``' conventions, and the remat policies.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jft.errors import JftError
 
@@ -28,6 +33,9 @@ REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.dots_saveable,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+
+
+ROPE_TYPES = ("default", "linear", "llama3")
 
 
 class DecoderConfigError(JftError, ValueError):
@@ -147,3 +155,73 @@ def slots_and_mask(
         all_positions = positions_from_mask(attention_mask)
         position_ids = jax.lax.dynamic_slice_in_dim(all_positions, cache_index, t, axis=1)
     return q_slots, attention_mask, jnp.broadcast_to(position_ids, (b, t))
+
+
+def rope_frequencies(
+    head_dim: int,
+    theta: float = 10000.0,
+    rope_type: str = "default",
+    factor: float = 1.0,
+    low_freq_factor: float = 1.0,
+    high_freq_factor: float = 4.0,
+    original_max_position: int = 8192,
+) -> np.ndarray:
+    """RoPE inverse frequencies ``(head_dim // 2,)`` float32, as ``transformers`` computes them.
+
+    ``"linear"`` divides them by ``factor``; ``"llama3"`` divides the low
+    frequencies by ``factor``, keeps the high ones and blends in between
+    (Llama 3.1's ``rope_scaling``).
+
+    Raises:
+      DecoderConfigError: an unknown ``rope_type``.
+    """
+    if rope_type not in ROPE_TYPES:
+        raise DecoderConfigError(
+            f"rope_type {rope_type!r} is not supported; use one of {', '.join(ROPE_TYPES)}"
+        )
+    exponent = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
+    inv = (1.0 / np.float32(theta) ** exponent).astype(np.float32)
+    if rope_type == "linear":
+        return (inv / np.float32(factor)).astype(np.float32)
+    if rope_type == "llama3":
+        low_wavelen = original_max_position / low_freq_factor
+        high_wavelen = original_max_position / high_freq_factor
+        wavelen = 2 * math.pi / inv
+        scaled = np.where(wavelen > low_wavelen, inv / factor, inv)
+        smooth = (original_max_position / wavelen - low_freq_factor) / (
+            high_freq_factor - low_freq_factor
+        )
+        blended = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return np.where(medium, blended, scaled).astype(np.float32)
+    return inv
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """``x`` ``(B, T, H, D)`` rotated as Hugging Face does (halves, not interleaved pairs)."""
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return x * cos[:, :, None] + rotated * sin[:, :, None]
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in float32: ``x / rms(x) * w`` (Llama) or ``* (1 + w)`` (Gemma).
+
+    Llama casts the normalized value back to the input dtype before the weight;
+    Gemma multiplies in float32 first, as ``transformers`` does for each.
+    """
+
+    eps: float = 1e-6
+    plus_one: bool = False
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Normalizes over the last axis; the output has ``x``'s dtype."""
+        init = nn.initializers.zeros if self.plus_one else nn.initializers.ones
+        w = self.param("scale", init, (x.shape[-1],), self.param_dtype)
+        y = x.astype(jnp.float32)
+        y = y * jax.lax.rsqrt(jnp.mean(y * y, axis=-1, keepdims=True) + self.eps)
+        if self.plus_one:
+            return (y * (1.0 + w.astype(jnp.float32))).astype(x.dtype)
+        return w.astype(x.dtype) * y.astype(x.dtype)

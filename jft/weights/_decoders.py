@@ -14,8 +14,9 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from jft.models._decoder import ROPE_TYPES
 from jft.models.gpt2 import GPT2
-from jft.models.llama import LAYER_TYPES, ROPE_TYPES, Llama
+from jft.models.llama import LAYER_TYPES, Llama
 from jft.weights.restore import WeightsError
 
 Dtype = Any
