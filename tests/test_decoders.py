@@ -391,3 +391,8 @@ def test_registered_names_build_hashable_models():
     sliding = ["sliding_attention"] * 2
     model = jft.models.get("gemma2", num_layers=2, layer_types=sliding)
     assert hash(model) == hash(jft.models.get("gemma2", num_layers=2, layer_types=tuple(sliding)))
+    # config.model builds every model with num_classes: 0 is fine, a head is refused.
+    assert jft.models.get("gpt2", num_classes=0).tie_word_embeddings
+    for name in ("gpt2", "qwen3"):
+        with pytest.raises(JftError, match="num_classes=3: a causal language model has no"):
+            jft.models.get(name, num_classes=3)

@@ -42,6 +42,19 @@ class DecoderConfigError(JftError, ValueError):
     """A decoder model field that jft does not support."""
 
 
+def no_head(num_classes: int) -> None:
+    """Refuses a classifier head: the registry passes ``num_classes`` to every model.
+
+    Raises:
+      DecoderConfigError: ``num_classes`` is not 0.
+    """
+    if num_classes:
+        raise DecoderConfigError(
+            f"num_classes={num_classes}: a causal language model has no classifier head "
+            "(its lm_head predicts tokens); set num_classes=0 (config.model.num_classes)"
+        )
+
+
 def remat_block(block: type[nn.Module], remat: str | None) -> type[nn.Module]:
     """``block`` wrapped in ``nn.remat`` with the named policy (None: unchanged).
 

@@ -31,6 +31,7 @@ from jft.models._decoder import (
     DecoderConfigError,
     attend,
     init_cache,
+    no_head,
     remat_block,
     slot_bias,
     slots_and_mask,
@@ -248,6 +249,7 @@ class GPT2(GPT2Backbone):
 
 
 @register("gpt2")
-def gpt2(dtype: Dtype = jnp.float32, **kwargs: Any) -> GPT2:
+def gpt2(num_classes: int = 0, dtype: Dtype = jnp.float32, **kwargs: Any) -> GPT2:
     """GPT-2; ``kwargs`` are :class:`GPT2` fields (defaults: GPT-2 small, 124M)."""
+    no_head(num_classes)
     return GPT2(dtype=dtype, **kwargs)

@@ -46,6 +46,7 @@ from jft.models._decoder import (
     apply_rope,
     attend,
     init_cache,
+    no_head,
     remat_block,
     rope_frequencies,
     slot_bias,
@@ -409,7 +410,8 @@ class Llama(LlamaBackbone):
 
 
 def _family(defaults: dict[str, Any]):
-    def build(dtype: Dtype = jnp.float32, **kwargs: Any) -> Llama:
+    def build(num_classes: int = 0, dtype: Dtype = jnp.float32, **kwargs: Any) -> Llama:
+        no_head(num_classes)
         kwargs = {**defaults, **kwargs}
         if kwargs.get("layer_types") is not None:  # hashable, so the model can be a static arg
             kwargs["layer_types"] = tuple(kwargs["layer_types"])
@@ -443,39 +445,39 @@ _FAMILIES = {
 
 
 @register("llama")
-def llama(dtype: Dtype = jnp.float32, **kwargs: Any) -> Llama:
+def llama(num_classes: int = 0, dtype: Dtype = jnp.float32, **kwargs: Any) -> Llama:
     """A Llama 2/3 decoder; ``kwargs`` are :class:`Llama` fields (defaults: Llama 2 7B)."""
-    return _family(_FAMILIES["llama"])(dtype, **kwargs)
+    return _family(_FAMILIES["llama"])(num_classes, dtype, **kwargs)
 
 
 @register("mistral")
-def mistral(dtype: Dtype = jnp.float32, **kwargs: Any) -> Llama:
+def mistral(num_classes: int = 0, dtype: Dtype = jnp.float32, **kwargs: Any) -> Llama:
     """Mistral: a Llama with grouped-query attention and a sliding window on every layer."""
-    return _family(_FAMILIES["mistral"])(dtype, **kwargs)
+    return _family(_FAMILIES["mistral"])(num_classes, dtype, **kwargs)
 
 
 @register("qwen2")
-def qwen2(dtype: Dtype = jnp.float32, **kwargs: Any) -> Llama:
+def qwen2(num_classes: int = 0, dtype: Dtype = jnp.float32, **kwargs: Any) -> Llama:
     """Qwen2/2.5: a Llama with q/k/v biases."""
-    return _family(_FAMILIES["qwen2"])(dtype, **kwargs)
+    return _family(_FAMILIES["qwen2"])(num_classes, dtype, **kwargs)
 
 
 @register("qwen3")
-def qwen3(dtype: Dtype = jnp.float32, **kwargs: Any) -> Llama:
+def qwen3(num_classes: int = 0, dtype: Dtype = jnp.float32, **kwargs: Any) -> Llama:
     """Qwen3: a Llama with per-head q/k RMSNorm."""
-    return _family(_FAMILIES["qwen3"])(dtype, **kwargs)
+    return _family(_FAMILIES["qwen3"])(num_classes, dtype, **kwargs)
 
 
 @register("gemma")
-def gemma(dtype: Dtype = jnp.float32, **kwargs: Any) -> Llama:
+def gemma(num_classes: int = 0, dtype: Dtype = jnp.float32, **kwargs: Any) -> Llama:
     """Gemma: ``1 + w`` RMSNorm, ``sqrt(hidden)`` embedding scale, gelu-tanh MLP, tied head."""
-    return _family(_FAMILIES["gemma"])(dtype, **kwargs)
+    return _family(_FAMILIES["gemma"])(num_classes, dtype, **kwargs)
 
 
 @register("gemma2")
-def gemma2(dtype: Dtype = jnp.float32, **kwargs: Any) -> Llama:
+def gemma2(num_classes: int = 0, dtype: Dtype = jnp.float32, **kwargs: Any) -> Llama:
     """Gemma 2: Gemma with sandwich norms, soft-capped logits and local/global layers.
 
     Pass ``layer_types`` (Hugging Face's: sliding on even layers) with ``num_layers``.
     """
-    return _family(_FAMILIES["gemma2"])(dtype, **kwargs)
+    return _family(_FAMILIES["gemma2"])(num_classes, dtype, **kwargs)
