@@ -10,20 +10,27 @@ and nothing already saved is lost or changed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import socket
+import subprocess
+import sys
+import time
 import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import PIL.Image
 import pytest
 
 import jft
 from jft.train import checkpoint as ckpt_lib
 from jft.train import create_train_state, make_train_step
 from jft.train.checkpoint import Checkpointer, CheckpointError
+from jft.train.lock import WorkdirError, WorkdirLock
 
 
 def _listing(directory):
@@ -235,3 +242,222 @@ def test_a_nonfinite_checkpoint_on_disk_is_refused_naming_the_step(tmp_path):
     with pytest.raises(CheckpointError, match="step 20 holds NaN or Inf in params/w"):
         ckpt_lib.read_params(directory)
     assert _listing(directory) == before
+
+
+# -- the workdir: one writer, writable, fails before anything is compiled -------------------
+
+RUN = [
+    "--config=digits_mlp",
+    "--config.progress=False",
+    "--config.log_every=5",
+    "--config.eval_every=0",
+]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """One prepared digits data dir for every subprocess of this file."""
+    path = tmp_path_factory.mktemp("tfds")
+    env = dict(os.environ, JFT_DATA_DIR=str(path))
+    os.environ.setdefault("JFT_DATA_DIR", str(path))
+    jft.data.info({"name": "digits", "data_dir": str(path)})
+    return env
+
+
+def _env(data_dir):
+    env = dict(data_dir)
+    env.pop("XLA_FLAGS", None)  # one CPU device per run
+    env.update(JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
+    return env
+
+
+def _jft(data_dir, workdir, *extra, timeout=300):
+    """``jft train`` in a subprocess: (exit status, stdout, stderr lines, seconds)."""
+    cmd = [sys.executable, "-m", "jft.cli", "train", *RUN, f"--workdir={workdir}", *extra]
+    t0 = time.perf_counter()
+    out = subprocess.run(cmd, env=_env(data_dir), capture_output=True, text=True, timeout=timeout)
+    lines = [ln for ln in out.stderr.splitlines() if ln.strip()]
+    return out.returncode, out.stdout, lines, time.perf_counter() - t0
+
+
+def _assert_one_line_error(rc, stdout, lines, *needles):
+    assert rc == 2, lines[-20:]
+    assert lines and lines[-1].startswith("jft train: error: "), lines[-20:]
+    assert not any("Traceback" in ln for ln in lines), lines[-40:]
+    for needle in needles:
+        assert needle in lines[-1], lines[-1]
+    # Failed before the data, the model or the step: nothing was restored or compiled.
+    assert "starting at step" not in stdout
+
+
+@contextlib.contextmanager
+def _tmpfs(path, *options):
+    """A small tmpfs mounted on ``path`` (a read-only one, a full one): needs root."""
+    os.makedirs(path, exist_ok=True)
+    out = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", ",".join(options), "tmpfs", str(path)],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, f"mount a tmpfs (these cases need root): {out.stderr}"
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=True)
+
+
+def test_a_second_writer_fails_at_once_naming_the_holder(data_dir, tmp_path):
+    workdir = tmp_path / "run"
+    lock = workdir / ".jft.lock"
+    first = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "jft.cli",
+            "train",
+            *RUN,
+            f"--workdir={workdir}",
+            "--config.num_steps=1000000",
+            "--config.checkpoint.every=50",
+        ],
+        env=_env(data_dir),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        t0 = time.time()
+        while not (lock.exists() and lock.read_text().strip()):
+            assert first.poll() is None and time.time() - t0 < 240
+            time.sleep(0.05)
+        assert f"pid {first.pid} on host {socket.gethostname()}" in lock.read_text()
+        rc, stdout, lines, _ = _jft(data_dir, workdir, "--config.num_steps=1000000")
+        _assert_one_line_error(
+            rc, stdout, lines, str(workdir), f"pid {first.pid} on host {socket.gethostname()}"
+        )
+        assert "in use by another jft run" in lines[-1]
+        assert first.poll() is None  # the holder runs on, untouched
+    finally:
+        first.kill()
+        first.wait()
+    # SIGKILL leaves the lock file behind, holding a dead pid: the kernel dropped the
+    # lock itself, so the next run takes it.
+    assert lock.exists()
+    with WorkdirLock(workdir) as taken:
+        assert f"pid {os.getpid()} " in lock.read_text()
+        with pytest.raises(WorkdirError, match=f"in use by another jft run .pid {os.getpid()}"):
+            WorkdirLock(workdir).acquire()
+    assert not lock.exists() and taken.path == str(lock)
+
+
+def test_each_process_of_a_multiprocess_run_has_its_own_lock(tmp_path):
+    with WorkdirLock(tmp_path, 0), WorkdirLock(tmp_path, 1):
+        assert sorted(os.listdir(tmp_path)) == [".jft.lock", ".jft.lock.1"]
+        with pytest.raises(WorkdirError):
+            WorkdirLock(tmp_path, 1).acquire()
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_file_as_workdir_fails_before_anything(data_dir, tmp_path):
+    workdir = tmp_path / "run"
+    workdir.write_text("not a folder")
+    before = _listing(tmp_path)
+    rc, stdout, lines, _ = _jft(data_dir, workdir)
+    _assert_one_line_error(rc, stdout, lines, str(workdir), "a file is in the way")
+    assert _listing(tmp_path) == before
+
+
+def test_a_read_only_workdir_fails_before_anything(data_dir, tmp_path):
+    with _tmpfs(tmp_path / "ro", "ro", "size=64k") as workdir:
+        rc, stdout, lines, _ = _jft(data_dir, workdir)
+        _assert_one_line_error(rc, stdout, lines, str(workdir), "read-only file system")
+        assert os.listdir(workdir) == []
+
+
+def test_read_only_checkpoints_fail_before_anything_and_change_nothing(data_dir, tmp_path):
+    # Once: a 313 s hang inside orbax, then hundreds of traceback lines.
+    workdir = tmp_path / "run"
+    rc, *_ = _jft(data_dir, workdir, "--config.num_steps=10", "--config.checkpoint.every=10")
+    assert rc == 0
+    with _tmpfs(workdir / "checkpoints", "ro", "size=64k"):
+        before = _listing(workdir)
+        rc, stdout, lines, _ = _jft(data_dir, workdir, "--config.num_steps=20", timeout=120)
+        _assert_one_line_error(
+            rc, stdout, lines, str(workdir / "checkpoints"), "read-only file system"
+        )
+        assert _listing(workdir) == before
+
+
+def test_a_full_disk_stops_with_one_line_naming_the_step(data_dir, tmp_path):
+    workdir = tmp_path / "run"
+    with _tmpfs(workdir / "checkpoints", "size=48k"):  # less than one checkpoint
+        rc, stdout, lines, _ = _jft(
+            data_dir, workdir, "--config.num_steps=10", "--config.checkpoint.every=10"
+        )
+        assert rc == 2, lines[-20:]
+        assert len(lines) == 1, lines[-40:]  # not orbax's threads' tracebacks
+        assert lines[-1].startswith("jft train: error: checkpoint ")
+        assert "step 10 could not be written (the disk is full)" in lines[-1]
+        assert "no step is complete" in lines[-1]
+
+
+# -- data -----------------------------------------------------------------------------------
+
+
+def _image_folder(root, classes, per_class=8, truncate=()):
+    rng = np.random.default_rng(0)
+    for cls in classes:
+        (root / cls).mkdir(parents=True)
+        for i in range(per_class):
+            x = rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)
+            PIL.Image.fromarray(x).save(root / cls / f"{i}.jpg", quality=90)
+    for rel in truncate:
+        path = root / rel
+        path.write_bytes(path.read_bytes()[: os.path.getsize(path) // 2])
+    return root
+
+
+def test_corrupt_images_are_named_when_the_folder_is_prepared(tmp_path):
+    # Once: "Truncated File Read" at step 0, no file named.
+    bad = ("b/3.jpg", "a/0.jpg", "c/7.jpg")
+    root = _image_folder(tmp_path / "imgs", "abc", truncate=bad)
+    cfg = {"name": "image_folder", "path": str(root), "data_dir": str(tmp_path / "d")}
+    cfg["eval_split"] = "validation"
+    t0 = time.perf_counter()
+    with pytest.raises(jft.data.DataError) as e:
+        jft.data.info(cfg)
+    assert time.perf_counter() - t0 < 30
+    msg = str(e.value)
+    assert "\n" not in msg and "3 of 24 images cannot be decoded" in msg
+    assert all(f in msg for f in bad) and "repair or remove them" in msg
+    assert not jft.data.image_folder.builder(str(root), cfg["data_dir"]).is_prepared()
+    for rel in bad:  # repaired: prepared and read
+        os.remove(root / rel)
+    assert jft.data.info(cfg).num_classes == 3
+
+
+def test_one_class_is_refused_with_one_line(tmp_path, data_dir):
+    root = _image_folder(tmp_path / "imgs", ["only"])
+    cfg = {"name": "image_folder", "path": str(root), "data_dir": str(tmp_path / "d")}
+    cfg["eval_split"] = "validation"
+    with pytest.raises(jft.data.DataError, match=r"has one class \(only\): a classifier"):
+        jft.data.info(cfg)
+    with pytest.raises(jft.data.DataError, match=r"keep_classes=\(5,\) keeps one class"):
+        jft.data.info({"name": "digits", "keep_classes": (5,)})
+    # Through the command: one line, before anything is compiled or written.
+    workdir = tmp_path / "run"
+    rc, stdout, lines, _ = _jft(data_dir, workdir, "--config.data.keep_classes=(5,)")
+    _assert_one_line_error(rc, stdout, lines, "keep_classes=(5,) keeps one class")
+    assert not workdir.exists() or os.listdir(workdir) == []
+
+
+def test_download_offline_fails_within_seconds(tmp_path, monkeypatch):
+    # Once: 209 s of retries, then a traceback. TEST-NET-1 (RFC 5737) never answers, so
+    # this runs the same offline or online, and never touches the network.
+    monkeypatch.setenv("JFT_DOWNLOAD_PROBE", "192.0.2.1:443")
+    t0 = time.perf_counter()
+    with pytest.raises(jft.data.DataError) as e:
+        jft.data.info({"name": "mnist", "download": True, "data_dir": str(tmp_path)})
+    assert time.perf_counter() - t0 < 10
+    msg = str(e.value)
+    assert "\n" not in msg and "'mnist'" in msg and "192.0.2.1:443 cannot be reached" in msg
+    assert "tfds build mnist" in msg

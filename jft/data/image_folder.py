@@ -4,7 +4,9 @@
 (label 0 is the first). Each class gives a fixed ``validation`` split: its files are
 ordered by a hash of their relative path and the first 10% (at least one, when the
 class has two or more files) go to ``validation``, the rest to ``train``. Files keep
-their encoded bytes; they are decoded (to RGB) when read. A folder is prepared once
+their encoded bytes; they are decoded (to RGB) when read. Every image is decoded
+once when the folder is prepared: a damaged one (truncated, not an image) stops
+the preparation with one line naming it, rather than a training step. A folder is prepared once
 into the data dir under a name made from a hash of its path and listing, so a changed
 folder is prepared again.
 """
@@ -47,6 +49,20 @@ def scan(path: str) -> tuple[list[str], list[tuple[str, int]]]:
             f"({', '.join(IMAGE_EXTENSIONS)})"
         )
     return classes, files
+
+
+def unreadable(path: str, files: list[tuple[str, int]]) -> list[str]:
+    """The files among ``files`` (relative to ``path``) that do not decode as images."""
+    import PIL.Image
+
+    bad = []
+    for rel, _ in files:
+        try:
+            with PIL.Image.open(os.path.join(path, rel)) as img:
+                img.load()  # decodes every byte: a truncated file fails here
+        except Exception:  # PIL raises OSError, SyntaxError, ValueError... for bad files
+            bad.append(rel)
+    return bad
 
 
 def _hash(text: str) -> str:
@@ -104,7 +120,17 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder):
 
     def _split_generators(self, dl_manager):
         del dl_manager  # nothing to download
-        _, files = scan(self.builder_config.path)
+        root = self.builder_config.path
+        _, files = scan(root)
+        # Every image is decoded once here, so a damaged one is named now rather than
+        # met at some training step.
+        bad = unreadable(root, files)
+        if bad:
+            shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+            raise DataError(
+                f"image_folder {root}: {len(bad)} of {len(files)} images cannot be decoded "
+                f"(truncated or not images): {shown}; repair or remove them"
+            )
         return {k: self._generate_examples(v) for k, v in split_files(files).items() if v}
 
     def _generate_examples(self, files):

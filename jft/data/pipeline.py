@@ -303,4 +303,16 @@ def info(cfg: Any) -> DataInfo:
         names = tuple(names[c] for c in keep) if names else None
     else:
         num_classes = dataset.num_classes
+    if num_classes == 1:
+        what = (
+            f"config.data.keep_classes={keep} keeps one class"
+            if keep is not None
+            else f"data set {dataset.name!r}"
+            + (f" ({cfg['path']})" if cfg.get("path") else "")
+            + f" has one class{f' ({names[0]})' if names else ''}"
+        )
+        raise DataError(
+            f"{what}: a classifier of one class learns nothing (accuracy 1.0 from the start); "
+            "give it two classes or more"
+        )
     return DataInfo(dataset.name, num_classes, num_examples, features, names)

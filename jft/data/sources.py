@@ -294,9 +294,47 @@ def _catalog(cfg: dict[str, Any], ddir: str | None):
             "--file_format array_record` (add --manual_dir DIR for data sets downloaded by "
             "hand), or point config.data.data_dir (or $JFT_DATA_DIR) at a prepared copy"
         )
+    if type(builder).__module__.startswith("tensorflow_datasets."):  # tfds' own catalog
+        _check_online(name)
     builder = tfds.builder(name, data_dir=ddir, file_format="array_record")
     builder.download_and_prepare(file_format="array_record")
     return builder
+
+
+#: Where :func:`_check_online` knocks before a download (tfds' catalog data mostly
+#: lives there); ``$JFT_DOWNLOAD_PROBE`` (``host:port``) changes it.
+DOWNLOAD_PROBE = "storage.googleapis.com:443"
+_PROBE_SECONDS = 3.0
+
+
+def _check_online(name: str) -> None:
+    """Raises DataError within seconds when the download host cannot be reached.
+
+    Offline, tfds retries each file for minutes before it fails with a traceback.
+    """
+    import socket
+
+    host, _, port = os.environ.get("JFT_DOWNLOAD_PROBE", DOWNLOAD_PROBE).rpartition(":")
+    result: list[BaseException | None] = []
+
+    def knock() -> None:  # in a thread: name resolution itself may hang
+        try:
+            socket.create_connection((host, int(port)), timeout=_PROBE_SECONDS).close()
+            result.append(None)
+        except OSError as e:
+            result.append(e)
+
+    thread = threading.Thread(target=knock, daemon=True)
+    thread.start()
+    thread.join(_PROBE_SECONDS + 0.5)
+    if not result or result[0] is not None:
+        why = "no answer" if not result else (result[0].strerror or type(result[0]).__name__)
+        raise DataError(
+            f"data set {name!r}: config.data.download=True but {host}:{port} cannot be "
+            f"reached ({why}), so this machine seems offline: prepare it on a machine with "
+            f"internet (tfds build {name} --file_format array_record) and point "
+            "config.data.data_dir (or $JFT_DATA_DIR) at the copy"
+        )
 
 
 def open_dataset(cfg: dict[str, Any]) -> Dataset:

@@ -222,6 +222,17 @@ def _jsonable(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=default))
 
 
+def _is_io_error(e: BaseException) -> bool:
+    """Whether ``e`` (or what caused it) is a failure of the file system, not a bug."""
+    seen = 0
+    while e is not None and seen < 20:
+        text = str(e)
+        if isinstance(e, OSError) or "os_error_code=" in text or "RESOURCE_EXHAUSTED" in text:
+            return True
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return False
+
+
 def _why_oserror(e: OSError) -> str:
     import errno
 
@@ -536,6 +547,8 @@ class Checkpointer:
             # An asynchronous save that failed (a full disk) raises here, at the next one.
             started = manager.save(step, args=args, metrics=self._metrics(metrics), force=True)
         except Exception as e:
+            if not _is_io_error(e):
+                raise
             raise self._write_error(e, step) from None
         self._in_flight = step
         return bool(started)
@@ -549,6 +562,11 @@ class Checkpointer:
                 break
             cause = cause.__cause__ or cause.__context__
         why = _why_oserror(cause) if isinstance(cause, OSError) else _reason(e)
+        text = str(cause)  # tensorstore reports the errno inside a ValueError
+        if "No space left on device" in text or "os_error_code='28'" in text:
+            why = "the disk is full"
+        elif "Read-only file system" in text or "os_error_code='30'" in text:
+            why = "a read-only file system"
         done = [s for s in _step_dirs(self.directory) if s < failed]
         kept = f"step {done[-1]} is the last complete one" if done else "no step is complete"
         return CheckpointError(
@@ -578,6 +596,8 @@ class Checkpointer:
             try:
                 self._manager.wait_until_finished()
             except Exception as e:
+                if not _is_io_error(e):
+                    raise
                 raise self._write_error(e, self._in_flight or 0) from None
             self._in_flight = None
 

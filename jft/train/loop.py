@@ -35,6 +35,7 @@ from jft.train import checkpoint as ckpt_lib
 from jft.train import config as config_lib
 from jft.train import distributed, losses, metrics, parallel
 from jft.train.inputs import TEXT_KEYS, inputs_for
+from jft.train.lock import WorkdirLock, writable_dir
 from jft.train.logging import MetricWriter, format_table, write_plots, write_stage_plots
 from jft.train.step import TrainState, create_train_state, make_train_step
 
@@ -42,7 +43,11 @@ __all__ = ["NonFiniteError", "Preempted", "evaluate", "train_and_evaluate"]
 
 
 class NonFiniteError(JftError, RuntimeError):
-    """Too many steps in a row had NaN or Inf gradients; the last good checkpoint is kept."""
+    """Too many steps in a row had a NaN or Inf loss, gradient, update or parameter.
+
+    Such steps are skipped and no checkpoint ever holds a non-finite parameter, so
+    the latest checkpoint (which the message names) is a good one.
+    """
 
 
 @dataclasses.dataclass
@@ -144,8 +149,16 @@ def _scalars(values: Mapping[str, Any], prefix: str) -> dict[str, Any]:
 def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     distributed.initialize(config)
     workdir = os.path.abspath(workdir)
+    # One writer per workdir, checked (with its writability) before anything is
+    # prepared or compiled; the lock is dropped however the run ends.
+    with WorkdirLock(workdir, jax.process_index()):
+        if os.path.lexists(os.path.join(workdir, "checkpoints")):
+            writable_dir(os.path.join(workdir, "checkpoints"), "checkpoint folder")
+        return _train_locked(config, workdir)
+
+
+def _train_locked(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     is_main = jax.process_index() == 0
-    os.makedirs(workdir, exist_ok=True)
 
     info = data.info(config.data)
     compute_dtype = jnp.bfloat16 if config.compute_dtype == "bfloat16" else None
@@ -216,7 +229,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     it = iter(pipeline)
     config_dict = config.to_dict()
 
-    def run_eval(step: int) -> dict[str, Any]:
+    def run_eval(step: int, *, record: bool = True) -> dict[str, Any]:
         ev = _eval(
             lambda s, b: eval_step(s, parallel.shard_batch(b, config.parallel, mesh)),
             config,
@@ -224,7 +237,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             info,
         )
         values = _scalars(ev, "eval")
-        writer.write(step, values)
+        if record:
+            writer.write(step, values)
         return {**values, "eval/confusion_matrix": ev.get("confusion_matrix")}
 
     last_eval: dict[str, Any] = {}
@@ -247,15 +261,27 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         m = jax.device_get(m)
         if int(np.asarray(m.get("nonfinite", 0))) >= config.max_nonfinite_steps:
             writer.close()
+            ckpt.wait()
+            latest = ckpt.latest_step()
             ckpt.close()
+            # True by construction: skipped steps leave the parameters as they were and
+            # a checkpoint with a non-finite parameter is never written.
+            kept = (
+                f"the last checkpoint, step {latest} in {ckpt.directory}, holds finite "
+                "values and is kept"
+                if latest is not None
+                else "no checkpoint was written"
+            )
             raise NonFiniteError(
-                f"{config.max_nonfinite_steps} steps in a row had NaN/Inf gradients "
-                f"(last at step {step_}); stopped, the last good checkpoint in "
-                f"{workdir}/checkpoints is kept (lower optimizer.lr or set clip_grad_norm)"
+                f"{config.max_nonfinite_steps} steps in a row had a NaN or Inf loss, "
+                f"gradient, update or parameter (last at step {step_}); stopped: {kept} "
+                "(lower optimizer.lr, set clip_grad_norm or check the init weights)"
             )
         return step_, m
 
-    with _SigTerm() as sigterm:
+    # The bar is closed however the loop ends, so an error is printed after its last redraw.
+    closing = contextlib.closing(bar) if bar is not None else contextlib.nullcontext()
+    with _SigTerm() as sigterm, closing:
         for step in range(start + 1, n + 1):
             batch = parallel.shard_batch(next(it), config.parallel, mesh)
             state, m = train_step(state, batch)
@@ -289,11 +315,11 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                 break
         if pending is not None:
             drain(pending)
-    if bar is not None:
-        bar.close()
     elapsed = time.perf_counter() - t0
     if start >= n and config.eval_every:
-        last_eval = run_eval(n)  # a finished run restarted: report its results again
+        # A finished run restarted (or killed after its final checkpoint): report its
+        # results again, but its metrics.jsonl already holds step n's evaluation.
+        last_eval = run_eval(n, record=False)
     ckpt.wait()
     ckpt.close()
     writer.close()
@@ -326,6 +352,13 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
 def _run_stages(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     workdir = os.path.abspath(workdir)
+    # The first stage's distributed settings start JAX's runtime, as its run would.
+    distributed.initialize(config.get(config.stages[0]) or config)
+    with WorkdirLock(workdir, jax.process_index()):
+        return _run_stages_locked(config, workdir)
+
+
+def _run_stages_locked(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     results = {}
     for name in config.stages:
         if name not in config:
