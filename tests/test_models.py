@@ -238,5 +238,5 @@ def test_one_gelu_table_with_hugging_face_names():
     xs = jnp.asarray(np.random.default_rng(0).normal(size=(2, 3)), jnp.float32)
     dense = v["params"]["backbone"]["dense_0"]
     h = xs @ dense["kernel"] + dense["bias"]
-    expected = torch.nn.GELU()(torch.from_numpy(np.asarray(h))).numpy()
+    expected = torch.nn.GELU()(torch.from_numpy(np.array(h))).numpy()
     np.testing.assert_allclose(model.apply(v, xs), expected, rtol=1e-6, atol=1e-6)

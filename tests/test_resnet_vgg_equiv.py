@@ -419,10 +419,12 @@ def _compare_small(arch, model, ref, arch_map, x, num_classes, variables):
         _check_grads(f"{arch} d/dparams", g, expected[key])
 
 
-@pytest.mark.parametrize("size", [4, 7])
+@pytest.mark.parametrize("size", [4])
 def test_resnet18_small_inputs_against_timm(size):
     # 4x4 is issue 13's bug 2: the stem (3 channels, stride 2) returned a 4x4 map
-    # instead of 2x2, 7e-4 away from PyTorch in eval mode.
+    # instead of 2x2, 7e-4 away from PyTorch in eval mode. One size: each costs a
+    # ResNet-18 train-step compile; odd maps are the CNN's and VGG's cases here
+    # and tests/test_ops.py's for every op.
     timm = import_timm()
     torch.manual_seed(0)
     ref = timm.create_model("resnet18", pretrained=False, num_classes=10).eval()
