@@ -5,6 +5,7 @@ safetensors index, ``pytorch_model.bin``. Run with ``-s`` for the ``[max-diff]``
 """
 
 import json
+import logging
 import os
 
 import numpy as np
@@ -101,12 +102,17 @@ def test_bert_sequence_classification_folder(tmp_path):
     assert isinstance(model.apply(variables, ids, mask, types), BertOutput)
 
 
-def test_bert_new_head_needs_skip(tmp_path):
+def test_bert_new_head_needs_skip(tmp_path, caplog):
     ref = randomize(transformers.BertModel(transformers.BertConfig(**BERT_CFG)))
     folder = save(ref, str(tmp_path), "safetensors")
-    with pytest.raises(WeightsError, match="missing from the file: .*params/head/kernel"):
+    with pytest.raises(WeightsError, match=r"missing from the file: .*params/head/kernel.*skip="):
         from_pretrained(folder, num_classes=4)
-    model, variables = from_pretrained(folder, num_classes=4, skip=["head/.*"], dtype=jnp.bfloat16)
+    with caplog.at_level(logging.WARNING, logger="jft.weights.pretrained"):
+        model, variables, report = from_pretrained(
+            folder, num_classes=4, skip=["head/.*"], dtype=jnp.bfloat16, return_report=True
+        )
+    assert set(report.kept) == {"params/head/kernel", "params/head/bias"}
+    assert "kept 2 from init" in caplog.text  # said, not hidden at INFO
     ids, mask, _ = text_batch()
     logits = model.apply(variables, input_ids=ids, attention_mask=mask)
     assert logits.shape == (3, 4) and logits.dtype == jnp.bfloat16

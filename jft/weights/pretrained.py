@@ -16,7 +16,7 @@ from flax.core import unfreeze
 
 from jft.weights._decoders import DECODER_BUILDERS
 from jft.weights.readers import folder_file, read
-from jft.weights.restore import WeightsError, restore
+from jft.weights.restore import RestoreReport, WeightsError, restore
 
 Dtype = Any
 _log = logging.getLogger(__name__)
@@ -30,8 +30,9 @@ def from_pretrained(
     *,
     strict: bool = True,
     rng: jax.Array | None = None,
+    return_report: bool = False,
     **overrides: Any,
-) -> tuple[nn.Module, dict[str, Any]]:
+) -> tuple[nn.Module, dict[str, Any]] | tuple[nn.Module, dict[str, Any], RestoreReport]:
     """Returns ``(model, variables)`` built from ``folder/config.json`` and its weights.
 
     Supported ``model_type``: ``bert`` (:class:`jft.models.Bert`, also
@@ -43,7 +44,9 @@ def from_pretrained(
     as another RoPE scaling type, are refused by name: :mod:`jft.weights._decoders`).
     The weights are read with :func:`jft.weights.read` (``model.safetensors``, a
     sharded index, or ``pytorch_model.bin``) and restored with
-    :func:`jft.weights.restore`; the report is logged at INFO level.
+    :func:`jft.weights.restore`; the report is logged as a warning when
+    something was kept from init or left unused in the file (as transformers
+    does), else at INFO level; ``return_report=True`` returns it.
 
     Conventions taken from the folder:
 
@@ -67,11 +70,14 @@ def from_pretrained(
         new head); anything else that does not fit is an error.
       strict: see :func:`jft.weights.restore`.
       rng: PRNG key for the init of skipped parameters; default ``key(0)``.
+      return_report: also return the :class:`jft.weights.RestoreReport` (what
+        was loaded, kept from init, unused in the file).
       **overrides: model fields that replace the config's (``dropout_rate=0.0``,
         ``image_size=384``, ``pooling="cls"``, ``frozen_bn=...``).
 
     Returns:
-      ``(model, variables)``; call ``model.apply(variables, ...)``.
+      ``(model, variables)``, or ``(model, variables, report)`` with
+      ``return_report``; call ``model.apply(variables, ...)``.
 
     Raises:
       WeightsError: one line: no or unreadable ``config.json``, an unsupported
@@ -110,8 +116,11 @@ def from_pretrained(
         variables = traverse_util.flatten_dict(variables, sep="/")
         variables.update(kept)
         variables = traverse_util.unflatten_dict(variables, sep="/")
-    _log.info("from_pretrained(%s): %s", folder, report)
-    return model, variables
+    # Like transformers: say what was not loaded (a new head, unused tensors);
+    # a complete load stays quiet.
+    log = _log.warning if report.kept or report.unused else _log.info
+    log("from_pretrained(%s): %s", folder, report)
+    return (model, variables, report) if return_report else (model, variables)
 
 
 def _init_some(model: nn.Module, rng: jax.Array, example: tuple[Any, ...], paths: Sequence[str]):

@@ -189,7 +189,10 @@ def restore(
             "shape mismatch (add a skip regex if the layer is new): " + "; ".join(mismatched)
         )
     if missing and strict:
-        problems.append(f"{len(missing)} variables missing from the file: " + ", ".join(missing))
+        problem = f"{len(missing)} variables missing from the file: " + ", ".join(missing)
+        if all(m.split("/", 1)[-1].startswith("head/") for m in missing):
+            problem += '; a new classification head? pass skip=["head/.*"] to keep it from init'
+        problems.append(problem)
     if problems:
         raise WeightsError(" | ".join(problems))
     check_finite({p: mapped[p] for p in loaded}, flat, source)
