@@ -189,6 +189,13 @@ def test_sigkill_at_random_moments_resumes_bitwise(recipe, data_dir, reference, 
             break
     print(f"SIGKILL at steps {kills} (targets {targets})")
     assert len(kills) >= 5, f"only {len(kills)} kills landed before the run ended: {kills}"
+    # And once in the window after the final checkpoint, before the run ends (closing
+    # the checkpointer, plots, the summary): the rerun once logged the last step twice.
+    proc = _spawn(recipe, workdir, data_dir, subprocess.DEVNULL)
+    assert _wait_until((ckdir / str(STEPS)).exists, proc), proc.stderr.read()[-3000:]
+    assert proc.poll() is None, "the run ended before the kill in its final window"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
     _run(recipe, workdir, data_dir)  # the same command again finishes the run
     _assert_same_run(workdir, reference)
 
