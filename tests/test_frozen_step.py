@@ -100,10 +100,11 @@ def test_adam_state_bytes_head_only_resnet18(r18):
     state = train.create_train_state(variables, rules)
     head_bytes = nbytes(variables["params"]["head"])
     assert head_bytes == (512 * 10 + 10) * 4
-    assert nbytes(state.opt_state) == 2 * head_bytes + 4  # mu, nu, int32 count
+    # mu, nu, Adam's int32 count, the learning-rate step's count and float32 rate
+    assert nbytes(state.opt_state) == 2 * head_bytes + 4 + 8
     # The contract also holds when the optimizer sees the full tree.
     full = partition.optimizer(rules).init(variables["params"])
-    assert nbytes(full) == 2 * head_bytes + 4
+    assert nbytes(full) == 2 * head_bytes + 4 + 8
     # optax.multi_transform + set_to_zero over the full tree, for comparison.
     labels = jax.tree.map(
         lambda lbl: "freeze" if lbl == "frozen" else "train",
@@ -238,7 +239,8 @@ def test_minilm_layerwise_rules_with_frozen_bottom():
         assert np.array_equal(value, flat(before)[path]) != path.startswith(trained), path
     head = 2 * nbytes(before["head"])
     layers = 2 * sum(nbytes(before["backbone"]["encoder"][f"layer_{i}"]) for i in (4, 5))
-    assert nbytes(state.opt_state) == head + layers + 3 * 4  # + an int32 count per group
+    # + per group: an int32 count, and the learning-rate step's count and float32 rate
+    assert nbytes(state.opt_state) == head + layers + 3 * (4 + 8)
 
 
 class PlainBN(nn.Module):

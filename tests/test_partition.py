@@ -162,7 +162,9 @@ def test_jft_optim_adam_state_bytes():
     rules = [("head/.*", jft.optim.adam(1e-3)), (".*", None)]
     trainable, _ = partition.split(make_params(), rules)
     state = partition.optimizer(rules).init(trainable)
-    assert nbytes(state) == 2 * nbytes(trainable) + 4
+    # mu and nu of the trained leaves, Adam's count, and the learning-rate step's
+    # count and rate (what jft.train reports as metrics["lr"]).
+    assert nbytes(state) == 2 * nbytes(trainable) + 4 + 8
 
 
 def test_orbax_round_trip(tmp_path):

@@ -1,6 +1,6 @@
 """The learning-rate step that ends every rule: u ← −α_t u, with α_t readable from the state."""
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -9,62 +9,21 @@ import optax
 from jft.optim import _validate
 
 
-class _Static:
-    """The learning rate (a number or a schedule) kept as static tree data.
-
-    It takes no bytes of state, and every ``_Static`` equals every other, so the
-    state's structure does not depend on the rate: under
-    ``optax.inject_hyperparams`` the rate is traced and is not kept here.
-    """
-
-    __slots__ = ("value",)
-
-    def __init__(self, value: Any):
-        self.value = value
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, _Static)
-
-    def __hash__(self) -> int:
-        return hash(_Static)
-
-
-@jax.tree_util.register_pytree_with_keys_class
-class LearningRateState:
+class LearningRateState(NamedTuple):
     """State of :func:`scale_by_learning_rate`.
 
-    ``count`` (int32) is the number of updates so far, the argument of a schedule
-    (``None`` for a constant rate, which needs none). The rate itself is static
-    data of the tree, so the state costs what ``optax.scale_by_learning_rate``'s
-    does; :attr:`learning_rate` gives the rate of the last update, which
-    ``jft.train`` reports as ``metrics["lr"]``.
+    Attributes:
+      count: int32, the number of updates so far (a schedule's argument).
+      learning_rate: float32, :math:`\\alpha_t` of the last update (of the first
+        before any), which ``jft.train`` reports as ``metrics["lr"]``.
     """
 
-    def __init__(self, count: jax.Array | None, rate: Any = None):
-        self.count = count
-        self._rate = rate if isinstance(rate, _Static) else _Static(rate)
+    count: jax.Array
+    learning_rate: jax.Array
 
-    @property
-    def learning_rate(self) -> jax.Array | None:
-        """:math:`\\alpha_t` of the last update (of the first before any); ``None`` when
-        the rate was given as an array (``optax.inject_hyperparams`` keeps it)."""
-        rate = self._rate.value
-        if rate is None:
-            return None
-        if callable(rate):
-            rate = rate(jnp.maximum(self.count - 1, 0))
-        return jnp.real(jnp.asarray(rate)).astype(jnp.float32)
 
-    def tree_flatten_with_keys(self):
-        children = () if self.count is None else ((jax.tree_util.GetAttrKey("count"), self.count),)
-        return children, self._rate
-
-    @classmethod
-    def tree_unflatten(cls, rate, children):
-        return cls(children[0] if children else None, rate)
-
-    def __repr__(self) -> str:
-        return f"LearningRateState(count={self.count!r}, lr={self._rate.value!r})"
+def _rate(lr: optax.ScalarOrSchedule, count: jax.Array) -> jax.Array:
+    return jnp.asarray(lr(count) if callable(lr) else lr)
 
 
 def scale_by_learning_rate(lr: optax.ScalarOrSchedule) -> optax.GradientTransformationExtraArgs:
@@ -93,27 +52,23 @@ def scale_by_learning_rate(lr: optax.ScalarOrSchedule) -> optax.GradientTransfor
       (Array([-0.75], dtype=float32), Array(0.75, dtype=float32))
 
     Note:
-      The same updates and state size as ``optax.scale_by_learning_rate(lr)``
-      (a count for a schedule, nothing for a constant); the difference is that
-      the rate can be read from the state, so a train step can report it for
-      any rule, chained or partitioned. A rate given as a ``jax.Array`` (as
-      ``optax.inject_hyperparams`` gives it, keeping it in its own state) is not
-      kept (``learning_rate`` is ``None``).
+      The same updates as ``optax.scale_by_learning_rate(lr)``; the state also
+      holds the count and the rate of the last update (8 bytes), so a train
+      step can report the rate of any rule, chained or partitioned, and the
+      state has the same structure under ``optax.inject_hyperparams``.
     """
     _validate.learning_rate(lr)
-    # A number or a schedule rides in the state's tree structure; an array (as
-    # optax.inject_hyperparams passes, which keeps the rate itself) does not.
-    static = None if isinstance(lr, jax.Array) else lr
 
     def init_fn(params):
         _validate.parameters(params, "scale_by_learning_rate")
-        return LearningRateState(jnp.zeros([], jnp.int32) if callable(lr) else None, static)
+        count = jnp.zeros([], jnp.int32)
+        return LearningRateState(count, jnp.real(_rate(lr, count)).astype(jnp.float32))
 
     def update_fn(updates, state, params=None, **extra_args: Any):
         del params, extra_args
-        alpha = jnp.asarray(lr(state.count) if callable(lr) else lr)
+        alpha = _rate(lr, state.count)
         updates = jax.tree.map(lambda g: jnp.asarray(-alpha, g.dtype) * g, updates)
-        count = optax.safe_increment(state.count) if callable(lr) else None
-        return updates, LearningRateState(count, static)
+        rate = jnp.real(alpha).astype(jnp.float32)
+        return updates, LearningRateState(optax.safe_increment(state.count), rate)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -115,19 +115,23 @@ def create_train_state(
 def _learning_rates(opt_state: Any) -> dict[str, jax.Array]:
     # The learning rate of each rule, named by rule: an `lr` or `learning_rate`
     # hyperparameter of optax.inject_hyperparams, else the rate of a jft.optim
-    # rule's LearningRateState (which keeps none when the rate is injected).
+    # rule's LearningRateState (inside an injected rule, the hyperparameter wins).
     attr, key = jax.tree_util.GetAttrKey, jax.tree_util.DictKey
     is_rate = lambda x: isinstance(x, optim.LearningRateState)
+    leaves = jax.tree_util.tree_flatten_with_path(opt_state, is_leaf=is_rate)[0]
+    injected = [
+        path[:-2]
+        for path, _ in leaves
+        if path[-2:]
+        in ((attr("hyperparams"), key("lr")), (attr("hyperparams"), key("learning_rate")))
+    ]
     found = {}
-    for key_path, leaf in jax.tree_util.tree_flatten_with_path(opt_state, is_leaf=is_rate)[0]:
+    for key_path, leaf in leaves:
         if is_rate(leaf):
+            if any(key_path[: len(p)] == p for p in injected):
+                continue
             leaf = leaf.learning_rate
-        elif key_path[-2:] not in (
-            (attr("hyperparams"), key("lr")),
-            (attr("hyperparams"), key("learning_rate")),
-        ):
-            continue
-        if leaf is None:
+        elif key_path[:-2] not in injected:
             continue
         # Name it by its rule: the index that follows PartitionState.inner_states.
         names = [
