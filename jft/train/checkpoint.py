@@ -25,6 +25,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 import warnings
 import zlib
@@ -260,6 +261,29 @@ class _OrbaxErrorsReported(logging.Filter):
 _ORBAX_FILTER = _OrbaxErrorsReported()
 
 
+def _quiet_closed_loops() -> None:
+    """Drops "Event loop is closed" from tensorstore callbacks into orbax's finished loops.
+
+    After a failed read or write, tensorstore completes its futures on event loops
+    that orbax has already closed; Python prints each as an unraisable traceback
+    (dozens of lines) although nothing is lost: jft reports the failure itself.
+    ``JFT_DEBUG=1`` keeps them.
+    """
+    previous = sys.unraisablehook
+    if getattr(previous, "_jft", False):
+        return
+
+    def hook(unraisable: Any) -> None:
+        exc = unraisable.exc_value
+        debug = os.environ.get("JFT_DEBUG", "") not in ("", "0")
+        if not debug and isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    hook._jft = True  # type: ignore[attr-defined]
+    sys.unraisablehook = hook
+
+
 def _reason(e: BaseException) -> str:
     lines = [s.strip() for s in str(e).strip().splitlines() if s.strip()]
     text = f"{type(e).__name__}: {lines[0] if lines else 'no message'}"
@@ -431,6 +455,7 @@ class Checkpointer:
         absl_logger = logging.getLogger("absl")
         if _ORBAX_FILTER not in absl_logger.filters:
             absl_logger.addFilter(_ORBAX_FILTER)
+        _quiet_closed_loops()
         handlers = {
             "state": ocp.StandardCheckpointHandler(),
             **{name: ocp.JsonCheckpointHandler() for name in ITEMS[1:]},
