@@ -235,10 +235,10 @@ def test_folder_errors(tmp_path):
     assert "config.json" in str(e.value) and "\n" not in str(e.value)
     with pytest.raises(WeightsError, match="no such folder"):
         from_pretrained(tmp_path / "missing")
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "t5"}))
     with pytest.raises(WeightsError) as e:
         from_pretrained(tmp_path)
-    assert "model_type 'gpt2' is not supported" in str(e.value) and "\n" not in str(e.value)
+    assert "model_type 't5' is not supported" in str(e.value) and "\n" not in str(e.value)
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(WeightsError, match="config.json: not readable JSON"):
         from_pretrained(tmp_path)
