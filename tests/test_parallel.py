@@ -46,7 +46,7 @@ def test_mask_weights_the_mean_and_unknown_names():
     x = jnp.asarray([[1.0], [2.0], [100.0]])
     batch = {"label": jnp.zeros(3), "mask": jnp.asarray([True, True, False])}
     assert np.isclose(losses.get("mse")(x, batch), 2.5)
-    with pytest.raises(ValueError, match="known: mse, sigmoid_xent, softmax_xent"):
+    with pytest.raises(ValueError, match="known: causal_lm_xent, mse, sigmoid_xent, softmax_xent"):
         losses.get("hinge")
     with pytest.raises(ValueError, match="mse"):
         losses.get("mse", label_smoothing=0.1)
