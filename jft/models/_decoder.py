@@ -13,6 +13,7 @@ Also here: RoPE (:func:`rope_frequencies`, :func:`apply_rope`) and
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -68,6 +69,42 @@ def remat_block(block: type[nn.Module], remat: str | None) -> type[nn.Module]:
             f"remat={remat!r} is not a policy; use one of {', '.join(REMAT_POLICIES)} or None"
         )
     return nn.remat(block, policy=REMAT_POLICIES[remat])
+
+
+def lm_logits(
+    lm: nn.Module,
+    backbone: type[nn.Module],
+    input_ids: jax.Array,
+    attention_mask: jax.Array | None,
+    position_ids: jax.Array | None,
+    cache: Any,
+    cache_index: jax.Array | int,
+    train: bool,
+) -> tuple[jax.Array, Any]:
+    """A causal LM's float32 logits and new cache: ``backbone`` then the LM head.
+
+    Called from ``lm``'s compact ``__call__``: the trunk is ``backbone`` built
+    from ``lm``'s fields of the same names (``backbone/...``), and the head is
+    the transposed token embedding when ``lm.tie_word_embeddings``, else a
+    bias-free ``lm_head`` Dense.
+    """
+    fields = {f.name: getattr(lm, f.name) for f in dataclasses.fields(backbone)}
+    del fields["parent"], fields["name"]
+    hidden, new_cache, embedding = backbone(**fields, name="backbone")(
+        jnp.asarray(input_ids), attention_mask, position_ids, cache, cache_index, train
+    )
+    if lm.tie_word_embeddings:
+        logits = hidden @ embedding.astype(hidden.dtype).T
+    else:
+        logits = nn.Dense(
+            lm.vocab_size,
+            use_bias=False,
+            dtype=lm.dtype,
+            param_dtype=lm.param_dtype,
+            kernel_init=nn.initializers.normal(0.02),
+            name="lm_head",
+        )(hidden)
+    return logits.astype(jnp.float32), new_cache
 
 
 def positions_from_mask(attention_mask: jax.Array) -> jax.Array:

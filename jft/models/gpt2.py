@@ -19,7 +19,6 @@ Called as :class:`jft.models.llama.Llama` is: logits ``(B, T, vocab)`` float32, 
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import flax.linen as nn
@@ -31,6 +30,7 @@ from jft.models._decoder import (
     DecoderConfigError,
     attend,
     init_cache,
+    lm_logits,
     no_head,
     remat_block,
     slot_bias,
@@ -228,23 +228,9 @@ class GPT2(GPT2Backbone):
         train: bool = False,
     ) -> jax.Array | tuple[jax.Array, Cache]:
         """Logits ``(B, T, vocab)`` float32, and the new cache when ``cache`` is given."""
-        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(GPT2Backbone)}
-        del fields["parent"], fields["name"]
-        hidden, new_cache, wte = GPT2Backbone(**fields, name="backbone")(
-            jnp.asarray(input_ids), attention_mask, position_ids, cache, cache_index, train
+        logits, new_cache = lm_logits(
+            self, GPT2Backbone, input_ids, attention_mask, position_ids, cache, cache_index, train
         )
-        if self.tie_word_embeddings:
-            logits = hidden @ wte.astype(hidden.dtype).T
-        else:
-            logits = nn.Dense(
-                self.vocab_size,
-                use_bias=False,
-                dtype=self.dtype,
-                param_dtype=self.param_dtype,
-                kernel_init=nn.initializers.normal(0.02),
-                name="lm_head",
-            )(hidden)
-        logits = logits.astype(jnp.float32)
         return logits if cache is None else (logits, new_cache)
 
 

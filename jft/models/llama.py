@@ -32,7 +32,6 @@ and ``cache_index=`` it returns ``(logits, new_cache)``: see
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import flax.linen as nn
@@ -46,6 +45,7 @@ from jft.models._decoder import (
     apply_rope,
     attend,
     init_cache,
+    lm_logits,
     no_head,
     remat_block,
     rope_frequencies,
@@ -386,23 +386,9 @@ class Llama(LlamaBackbone):
         train: bool = False,
     ) -> jax.Array | tuple[jax.Array, Cache]:
         """Logits ``(B, T, vocab)`` float32, and the new cache when ``cache`` is given."""
-        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(LlamaBackbone)}
-        del fields["parent"], fields["name"]
-        hidden, new_cache, embedding = LlamaBackbone(**fields, name="backbone")(
-            jnp.asarray(input_ids), attention_mask, position_ids, cache, cache_index, train
+        logits, new_cache = lm_logits(
+            self, LlamaBackbone, input_ids, attention_mask, position_ids, cache, cache_index, train
         )
-        if self.tie_word_embeddings:
-            logits = hidden @ embedding.astype(hidden.dtype).T
-        else:
-            logits = nn.Dense(
-                self.vocab_size,
-                use_bias=False,
-                dtype=self.dtype,
-                param_dtype=self.param_dtype,
-                kernel_init=nn.initializers.normal(0.02),
-                name="lm_head",
-            )(hidden)
-        logits = logits.astype(jnp.float32)
         if self.final_logit_softcapping is not None:
             cap = self.final_logit_softcapping
             logits = jnp.tanh(logits / cap) * cap
