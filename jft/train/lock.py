@@ -53,7 +53,9 @@ def writable_dir(path: str, what: str) -> None:
       WorkdirError: one line naming ``what`` (e.g. ``"workdir"``), the path and why.
     """
     try:
+        existed = os.path.isdir(path)
         os.makedirs(path, exist_ok=True)
+        before = os.stat(path)
         probe = os.path.join(path, f".jft-probe-{os.getpid()}")
         fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
@@ -62,6 +64,8 @@ def writable_dir(path: str, what: str) -> None:
         finally:
             os.close(fd)
             os.unlink(probe)
+        if existed:  # the probe leaves no trace: a folder's times are as they were
+            os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
     except OSError as e:
         raise WorkdirError(
             f"{what} {path} is not writable ({_why(e)}): choose another --workdir or free it"
