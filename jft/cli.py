@@ -371,6 +371,10 @@ def _quiet() -> None:
     from absl import logging as absl_logging
 
     absl_logging.set_verbosity(absl_logging.ERROR)
+    # A failed asynchronous save (a full disk) is reported as one line by the
+    # checkpoint code; asyncio would also log each of orbax's unretrieved futures,
+    # from a garbage-collector pass at a moment nobody controls.
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
     import tensorflow_datasets as tfds
 
     tfds.disable_progress_bar()  # preparing the digits takes a second: no bars for that
