@@ -9,169 +9,21 @@ broken recipe, a wrong shape; or an ``OSError``: a missing or unwritable file) i
 printed as one line, the last one, with exit status 2 and no traceback unless
 ``--debug`` or ``JFT_DEBUG=1`` asks for it. Any other exception is a bug in jft
 and keeps its traceback.
+
+This module holds the commands and their flags; finding, loading and overriding
+a recipe is :mod:`jft._recipes`, and the error mapping is :mod:`jft._cli_errors`.
 """
 
 from __future__ import annotations
 
 import argparse
-import ast
-import gc
-import importlib.machinery
-import importlib.util
 import os
-import pathlib
 import sys
-import traceback
-from collections.abc import Sequence
 
-from jft.errors import JftError
+from jft._cli_errors import UserError, finish_output, quiet, user_message
+from jft._recipes import DEFAULT_RECIPE, load_config, recipes, recipes_dir, summary
 
-DEFAULT_RECIPE = "digits_transfer"
-
-
-class UserError(JftError):
-    """A mistake on the command line; printed as one line."""
-
-
-def _recipes_dir() -> pathlib.Path:
-    """The shipped recipes: the top-level ``configs/``, installed as the package ``jft.configs``."""
-    spec = importlib.util.find_spec("jft.configs")
-    if spec is not None and spec.submodule_search_locations:
-        return pathlib.Path(next(iter(spec.submodule_search_locations)))
-    # A source checkout put on sys.path without being installed.
-    return pathlib.Path(__file__).resolve().parents[1] / "configs"
-
-
-def recipes() -> dict[str, pathlib.Path]:
-    """The shipped recipes by name (``digits_mlp``), sorted."""
-    found = sorted(_recipes_dir().glob("*.py"))
-    return {p.stem: p for p in found if not p.stem.startswith("_")}
-
-
-def _summary(path: pathlib.Path) -> str:
-    """The first line of a recipe's docstring, read without running the recipe."""
-    try:
-        doc = ast.get_docstring(ast.parse(path.read_bytes(), filename=str(path)))
-    except (SyntaxError, ValueError):
-        return "(does not parse)"
-    lines = (doc or "").strip().splitlines()
-    return lines[0] if lines else ""
-
-
-def _recipe_path(spec: str) -> tuple[str, str, str]:
-    """``configs/x.py:arg`` or a recipe name ``x[:arg]`` -> (path, arg, recipe name)."""
-    path, sep, arg = spec.partition(":")
-    if not os.path.exists(path) and not path.endswith(".py"):
-        shipped = recipes()
-        if path in shipped:
-            path = str(shipped[path])
-    if not os.path.isfile(path):
-        raise UserError(
-            f"config file not found: {spec!r} (recipes: {', '.join(recipes())}; "
-            "or pass a path, --config path/to/recipe.py)"
-        )
-    return path, arg if sep else "", pathlib.Path(path).stem
-
-
-def _load_recipe(path: str, arg: str):
-    """The ``get_config(arg)`` of the recipe file at ``path``; a broken recipe is a UserError."""
-    import ml_collections
-
-    name = f"jft_recipe_{pathlib.Path(path).stem}"
-    loader = importlib.machinery.SourceFileLoader(name, path)  # any file name, not only *.py
-    module = importlib.util.module_from_spec(importlib.util.spec_from_loader(name, loader))
-    sys.modules[name] = module  # dataclasses and pickling look the module up by name
-    try:
-        loader.exec_module(module)
-    except JftError:
-        raise
-    except SyntaxError as e:
-        where = path if e.filename in (None, path) else e.filename
-        raise UserError(f"recipe {where}, line {e.lineno}: {e.msg} (fix the syntax)") from e
-    except Exception as e:
-        raise UserError(
-            f"recipe {path} failed to load: {type(e).__name__}: {e} (--debug shows where)"
-        ) from e
-    get_config = getattr(module, "get_config", None)
-    if not callable(get_config):
-        raise UserError(
-            f"recipe {path} has no get_config(); define get_config(arg=None) returning "
-            "an ml_collections.ConfigDict"
-        )
-    try:
-        config = get_config(arg) if arg else get_config()
-    except JftError:
-        raise
-    except Exception as e:
-        raise UserError(
-            f"recipe {path}: get_config() raised {type(e).__name__}: {e} (--debug shows where)"
-        ) from e
-    if not isinstance(config, ml_collections.ConfigDict):
-        raise UserError(
-            f"recipe {path}: get_config() returned a {type(config).__name__}, "
-            "not an ml_collections.ConfigDict"
-        )
-    return config
-
-
-def _check_key(config, key: str) -> None:
-    """An override's key must exist: name it and list the keys of its group if not."""
-    import ml_collections
-
-    node, group = config, []
-    for part in key.split("."):
-        if "[" in part or not isinstance(node, ml_collections.ConfigDict):
-            return  # an index or a value that is not a group: config_flags checks the rest
-        if part not in node:
-            if group and group[-1] == "optimizer" and part in _optimizer_keys():
-                return  # any rule's argument; the trainer checks it against the chosen rule
-            where = f"{'.'.join(group)} has" if group else "the config has"
-            raise UserError(f"unknown config key {key!r}; {where}: {', '.join(node.keys())}")
-        node = node[part]
-        group.append(part)
-
-
-def _optimizer_keys() -> frozenset[str]:
-    from jft.train import config as config_lib
-
-    return config_lib.optimizer_keys()
-
-
-def _override(config, overrides: Sequence[str]):
-    """``config`` with the ``--config.KEY=VALUE`` overrides applied by config_flags."""
-    from absl import flags
-    from ml_collections import config_flags
-
-    for item in overrides:
-        if not item.startswith("--config."):
-            raise UserError(
-                f"unknown flag {item.split('=')[0]!r} (overrides are --config.KEY=VALUE)"
-            )
-        _check_key(config, item.removeprefix("--config.").split("=")[0])
-    argv = ["jft", *overrides]
-    fv = flags.FlagValues()
-    try:
-        config_flags.DEFINE_config_dict(
-            "config",
-            config,
-            flag_values=fv,
-            sys_argv=argv,
-            lock_config=False,
-            accept_new_attributes=True,  # only optimizer arguments get past _check_key
-        )
-        fv(argv)
-    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if not isinstance(e, flags.Error):  # absl's message names the flag already
-            msg = f"bad override in {' '.join(overrides)}: {msg}"
-        raise UserError(msg) from e
-    return fv.config
-
-
-def _load_config(spec: str, overrides: Sequence[str]):
-    """The recipe ``spec`` (a name or a file, ``[:arg]``) with its overrides, and its name."""
-    path, arg, name = _recipe_path(spec)
-    return _override(_load_recipe(path, arg), overrides), name
+__all__ = ["DEFAULT_RECIPE", "UserError", "main", "recipes"]
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -179,7 +31,7 @@ def _train(args: argparse.Namespace) -> int:
         return _recipes(args)
     from jft import train
 
-    config, name = _load_config(args.config, args.overrides)
+    config, name = load_config(args.config, args.overrides)
     workdir = args.workdir or os.path.join("runs", name)
     result = train.train_and_evaluate(config, workdir)
     if isinstance(result, dict) and "preempted" in result:
@@ -275,7 +127,7 @@ def _inspect(args: argparse.Namespace) -> int:
     if args.config:
         from jft.train import config as config_lib
 
-        config, _ = _load_config(args.config, args.overrides)
+        config, _ = load_config(args.config, args.overrides)
         frozen = [re.compile(r) for r in config_lib.resolve(config).frozen]
 
     def status(name: str) -> str:
@@ -308,7 +160,7 @@ def _config(args: argparse.Namespace) -> int:
     """Prints every key of the recipe's run config, defaults included, as ``key = value``."""
     import ml_collections
 
-    config, _ = _load_config(args.recipe, args.overrides)
+    config, _ = load_config(args.recipe, args.overrides)
     if config.get("program"):  # a study with its own keys (quadratic): nothing to lay over
         resolved = config
     elif config.get("stages"):
@@ -356,28 +208,9 @@ def _recipes(args: argparse.Namespace) -> int:
     shipped = recipes()
     width = max(map(len, shipped), default=0)
     for name, path in shipped.items():
-        print(f"{name:<{width}}  {_summary(path)}")
-    print(f"run one: jft train --config NAME (files in {_recipes_dir()})")
+        print(f"{name:<{width}}  {summary(path)}")
+    print(f"run one: jft train --config NAME (files in {recipes_dir()})")
     return 0
-
-
-def _quiet() -> None:
-    # Library chatter (tfds' "OpenCV is not installed", orbax's notices, TF's C++ logs)
-    # buries the lines a user needs: keep errors only.
-    import logging
-
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    logging.getLogger("absl").setLevel(logging.ERROR)
-    from absl import logging as absl_logging
-
-    absl_logging.set_verbosity(absl_logging.ERROR)
-    # A failed asynchronous save (a full disk) is reported as one line by the
-    # checkpoint code; asyncio would also log each of orbax's unretrieved futures,
-    # from a garbage-collector pass at a moment nobody controls.
-    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
-    import tensorflow_datasets as tfds
-
-    tfds.disable_progress_bar()  # preparing the digits takes a second: no bars for that
 
 
 _DEBUG_HELP = "on an error, show its traceback (also JFT_DEBUG=1)"
@@ -452,32 +285,6 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _user_message(error: BaseException) -> str | None:
-    """The one line printed for a user-facing error; None for a bug (keeps its traceback)."""
-    if isinstance(error, JftError):
-        return " ".join(str(error).split()) or type(error).__name__
-    if isinstance(error, OSError) and error.filename is not None:
-        paths = " -> ".join(repr(os.fsdecode(f)) for f in (error.filename, error.filename2) if f)
-        return f"{paths}: {error.strerror or error}"
-    if isinstance(error, OSError):
-        return " ".join(str(error).split()) or type(error).__name__
-    return None
-
-
-def _finish_output(error: BaseException) -> None:
-    """Lets whatever the failed command left open (a progress bar) print before the error.
-
-    An open tqdm bar lives in a frame of the traceback and prints its last state when
-    it is freed, which would come after the error line: free those frames now.
-    """
-    while error is not None:
-        traceback.clear_frames(error.__traceback__)
-        error = error.__cause__ or error.__context__
-    gc.collect()
-    sys.stdout.flush()
-    sys.stderr.flush()
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``jft`` console script."""
     parser = _parser()
@@ -500,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     try:
         if args.command != "recipes":
-            _quiet()
+            quiet()
         return commands[args.command](args)
     except KeyboardInterrupt:
         print("jft: interrupted", file=sys.stderr)
@@ -509,10 +316,10 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
     except Exception as e:
-        message = _user_message(e)
+        message = user_message(e)
         if message is None or debug:
             raise
-        _finish_output(e)
+        finish_output(e)
         print(f"jft {args.command}: error: {message}", file=sys.stderr)
         return 2
 
