@@ -15,10 +15,11 @@ def default_config() -> ml_collections.ConfigDict:
 
     Keys:
       name: ``"digits"`` (the offline scikit-learn digits), ``"image_folder"`` (``path``
-        holds one subfolder of images per class) or a tensorflow-datasets catalog name
+        holds one subfolder of images per class), ``"sft"`` (``path`` is a JSONL file of
+        prompts and completions or chats) or a tensorflow-datasets catalog name
         (``"mnist"``, ``"cifar10"``, ``"imdb_reviews"``, ``"glue/sst2"``, ...).
       data_dir: the tfds data dir; ``None`` means ``$JFT_DATA_DIR``, else tfds' default.
-      path: the root folder of ``image_folder``.
+      path: the root folder of ``image_folder``; the JSONL file of ``sft``.
       train_split, eval_split: split names; tfds slicing such as ``"train[:80%]"`` works.
       batch_size, eval_batch_size: GLOBAL batch sizes (all processes together).
       keep_classes: ``None`` or a sequence of labels to keep; they are relabelled
@@ -32,6 +33,10 @@ def default_config() -> ml_collections.ConfigDict:
       cache: ``"auto"`` keeps a split's records in memory when they take less than
         ``cache_max_mb``; ``True`` always, ``False`` never.
       cache_max_mb: the limit for ``cache="auto"``.
+      tokenizer, chat_template, max_length, packing: ``name="sft"`` (a JSONL file at
+        ``path``, see `jft.data.sft`): the model folder whose tokenizer (and chat
+        template) encode it, a template string or ``.jinja`` file replacing the folder's,
+        the tokens per row, and whether several examples share a row.
     """
     cfg = ml_collections.ConfigDict()
     cfg.name = "digits"
@@ -48,6 +53,10 @@ def default_config() -> ml_collections.ConfigDict:
     cfg.prefetch = 2
     cfg.cache = "auto"
     cfg.cache_max_mb = 1024
+    cfg.tokenizer = ml_collections.config_dict.placeholder(str)
+    cfg.chat_template = ml_collections.config_dict.placeholder(str)
+    cfg.max_length = 512
+    cfg.packing = False
     return cfg
 
 

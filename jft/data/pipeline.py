@@ -21,7 +21,7 @@ import numpy as np
 
 from jft.data import config as config_lib
 from jft.data import preprocess as preprocess_lib
-from jft.data import sources
+from jft.data import sft, sources
 from jft.data.errors import DataError
 
 _STATE_VERSION = 1
@@ -93,6 +93,15 @@ class _Split:
             columns["label"] = self.label_map[np.asarray(columns["label"])]
         return columns
 
+    def batch(self, ops, rows: np.ndarray, ctx) -> dict[str, np.ndarray]:
+        """The model's inputs and labels of ``rows``, after the preprocess ``ops``."""
+        return preprocess_lib.apply(ops, self.columns(rows), ctx)
+
+
+def _open(cfg: dict[str, Any], split: str) -> _Split | sft.SftSplit:
+    """A split of ``config.data``: ``indices``, ``dataset`` and ``batch(ops, rows, ctx)``."""
+    return sft.open_split(cfg, split) if cfg["name"] == sft.NAME else _Split(cfg, split)
+
 
 class _BatchMaker:
     """Batch number -> this process's slice of that global batch, as numpy arrays."""
@@ -126,7 +135,7 @@ class _BatchMaker:
             mask = positions < self.n
             rows = np.where(mask, positions, 0)
         ctx = preprocess_lib.Context(self.train, self.seed, positions, self.pixel_max)
-        out = preprocess_lib.apply(self.ops, self.split.columns(rows), ctx)
+        out = self.split.batch(self.ops, rows, ctx)
         if mask is not None:
             out["mask"] = mask
         return out
@@ -237,7 +246,8 @@ def get(
     Returns:
       A `Pipeline` of dicts of numpy arrays with ``batch_size // process_count`` rows:
       ``image`` float32 NHWC and/or ``input_ids``, ``attention_mask``,
-      ``token_type_ids`` int32, and ``label`` int32 (plus ``mask`` in evaluation).
+      ``token_type_ids`` int32, and ``label`` int32 (plus ``mask`` in evaluation);
+      SFT data (``name="sft"``): ``input_ids``, ``attention_mask``, ``loss_mask``.
 
     Raises:
       DataError: on a bad key, data set, split, folder or op.
@@ -251,7 +261,7 @@ def get(
             f"config.data.{key}={global_batch} is not divisible by the {count} processes"
         )
     ops = preprocess_lib.parse(cfg["preprocess"])
-    data = _Split(cfg, split)
+    data = _open(cfg, split)
     n = len(data.indices)
     if train:
         if num_epochs is None:
@@ -280,6 +290,11 @@ def get(
 def info(cfg: Any) -> DataInfo:
     """Returns `DataInfo` of ``config.data`` (preparing a local data set if needed)."""
     cfg = config_lib.resolve(cfg)
+    if cfg["name"] == sft.NAME:  # token rows for a causal LM: no classes
+        splits = {s: sft.open_split(cfg, s) for s in (cfg["train_split"], cfg["eval_split"])}
+        first = splits[cfg["train_split"]]
+        rows = {s: len(x.indices) for s, x in splits.items()}
+        return DataInfo(first.dataset.name, 0, rows, first.features)
     train = _Split(cfg, cfg["train_split"])
     dataset = train.dataset
     splits = dict.fromkeys(dataset.splits)

@@ -112,20 +112,29 @@ def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
 
     Equal to ``arange(T)`` without padding or with right padding; with left padding
     each row's first real token gets position 0 (as ``transformers``' ``generate``).
+    A packed row's mask holds segment ids (``1, 2, ...`` increasing along the row, 0
+    on padding): the positions restart at 0 where a new document begins.
     """
     mask = attention_mask.astype(jnp.int32)
-    return jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
+    count = jnp.cumsum((mask != 0).astype(jnp.int32), axis=-1)
+    seen = jax.lax.cummax(mask, axis=mask.ndim - 1)
+    starts = mask > jnp.pad(seen[..., :-1], [(0, 0)] * (mask.ndim - 1) + [(1, 0)])
+    before = jax.lax.cummax(jnp.where(starts, count - 1, 0), axis=mask.ndim - 1)
+    return jnp.maximum(count - 1 - before, 0)
 
 
 def slot_bias(kv_mask: jax.Array, q_slots: jax.Array, window: int | None = None) -> jax.Array:
     """Additive float32 bias ``(B, T, S)``: 0 where query slot ``t`` may see key slot ``s``.
 
-    A key is visible when it is not padding (``kv_mask`` ``(B, S)`` is 1), not in the
-    future (``s <= t``) and, with a ``window``, less than ``window`` slots back
-    (``s > t - window``, Mistral's and Gemma 2's sliding window).
+    A key is visible when it is not padding (``kv_mask`` ``(B, S)`` is not 0), not in the
+    future (``s <= t``), in the query's document (a packed row's mask holds segment
+    ids ``1, 2, ...``: a key of another id is hidden) and, with a ``window``, less than
+    ``window`` slots back (``s > t - window``, Mistral's and Gemma 2's sliding window).
     """
     s = jnp.arange(kv_mask.shape[-1])
-    keep = (s[None, :] <= q_slots[:, None])[None] & kv_mask.astype(bool)[:, None, :]
+    keep = (s[None, :] <= q_slots[:, None])[None] & (kv_mask != 0)[:, None, :]
+    q_seg = jnp.take(kv_mask, q_slots, axis=1)[:, :, None]  # a padding query keeps its view
+    keep &= (kv_mask[:, None, :] == q_seg) | (q_seg == 0)
     if window is not None:
         keep &= (s[None, :] > q_slots[:, None] - window)[None]
     return jnp.where(keep, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)

@@ -185,8 +185,8 @@ def causal_lm_xent() -> TokenLoss:
             targets = jnp.asarray(batch["input_ids"])[:, 1:]
             weights = jnp.ones(targets.shape, jnp.float32)
             for key in ("attention_mask", "loss_mask"):
-                if key in batch:
-                    weights = weights * jnp.asarray(batch[key], jnp.float32)[:, 1:]
+                if key in batch:  # packed rows' attention_mask holds segment ids 1, 2, ...
+                    weights = weights * (jnp.asarray(batch[key])[:, 1:] != 0)
         targets = jnp.where(weights > 0, targets, 0)
         return optax.softmax_cross_entropy_with_integer_labels(logits, targets), weights
 
