@@ -16,6 +16,7 @@ import importlib.resources
 import json
 import os
 
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -91,9 +92,9 @@ def assert_round_trip(src: str, dest: str, fmt: str, **kwargs) -> None:
             np.testing.assert_array_equal(got[name], value, err_msg=name)
 
 
-def hf_load(cls, folder):
+def hf_load(cls, folder, **kwargs):
     """``cls.from_pretrained`` that fails on any missing, unexpected or mismatched key."""
-    model, info = cls.from_pretrained(folder, output_loading_info=True)
+    model, info = cls.from_pretrained(folder, output_loading_info=True, **kwargs)
     problems = {k: v for k, v in info.items() if v}
     assert not problems, problems
     return model.eval()
@@ -481,6 +482,136 @@ def test_bfloat16_and_float16(tmp_path):
         assert sd["bn1.num_batches_tracked"].dtype == torch.int64  # integers keep their dtype
         want = np.asarray(variables["params"]["backbone"]["conv1"]["kernel"]).transpose(3, 2, 0, 1)
         np.testing.assert_allclose(sd["conv1.weight"].float().numpy(), want, rtol=1e-2, atol=1e-2)
+
+
+# ----------------------------------------------------------------------------- decoders
+
+_DEC = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2)
+# One tiny config per family, each with what its family changes; tied and untied embeddings.
+DECODERS = {
+    "gpt2": dict(
+        vocab_size=64, n_embd=16, n_layer=2, n_head=2, n_positions=32, tie_word_embeddings=False
+    ),
+    "llama": dict(
+        _DEC,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        rope_parameters=dict(
+            rope_type="llama3",
+            rope_theta=10000.0,
+            factor=8.0,
+            low_freq_factor=1.0,
+            high_freq_factor=4.0,
+            original_max_position_embeddings=16,
+        ),
+    ),
+    "mistral": dict(
+        _DEC, num_attention_heads=2, num_key_value_heads=1, head_dim=8, sliding_window=4
+    ),
+    "qwen2": dict(_DEC, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
+    "qwen3": dict(_DEC, num_attention_heads=2, num_key_value_heads=1, head_dim=8),
+    "gemma": dict(_DEC, num_attention_heads=2, num_key_value_heads=1, head_dim=8),
+    "gemma2": dict(
+        _DEC,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        sliding_window=4,
+        query_pre_attn_scalar=12,
+        attn_logit_softcapping=2.0,
+        final_logit_softcapping=3.0,
+    ),
+}
+
+
+def hf_decoder(family: str, seed: int = 0):
+    """A transformers ``*ForCausalLM`` of ``family`` with random weights (norms away from 1)."""
+    config = transformers.AutoConfig.for_model(family, **DECODERS[family], pad_token_id=0)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.15 + (0.3 if p.ndim == 1 else 0.0))
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def decoders(tmp_path_factory):
+    """family -> (transformers model, its HF folder with tokenizer files, jft model, variables)."""
+    cache = {}
+
+    def get(family: str):
+        if family not in cache:
+            folder = tmp_path_factory.mktemp(family)
+            ref = hf_decoder(family)
+            ref.save_pretrained(folder)
+            (folder / "tokenizer_config.json").write_text('{"model_max_length": 32}')
+            model, variables = from_pretrained(folder)
+            cache[family] = (ref, os.fspath(folder), model, jax.tree.map(np.asarray, variables))
+        return cache[family]
+
+    return get
+
+
+def causal_logits(hf_model, ids):
+    with torch.no_grad():
+        return hf_model(input_ids=torch.tensor(ids)).logits.numpy()
+
+
+DECODER_IDS = np.random.default_rng(0).integers(1, 64, size=(2, 10))
+
+
+@pytest.mark.parametrize("family", DECODERS)
+def test_decoder_to_hf(decoders, tmp_path, family):
+    """Each family: folder -> jft -> folder is exact (tensors, tokenizer files); and from the
+    jft model alone (no source config) transformers builds the same function.
+
+    jft's logits equal transformers' on these folders (tests/test_decoders.py), so the
+    source model's logits are the reference here, without compiling the jft model.
+    """
+    ref, folder, model, variables = decoders(family)
+    assert_round_trip(folder, os.fspath(tmp_path / "same"), "hf")
+    for name in ("tokenizer_config.json", "generation_config.json"):
+        assert (tmp_path / "same" / name).read_bytes() == open(f"{folder}/{name}", "rb").read()
+
+    dest = jft.weights.export(variables, tmp_path / "hf", "hf", model=model)  # no source folder
+    config = json.load(open(os.path.join(dest, "config.json")))
+    assert config["model_type"] == family and config["dtype"] == "float32"
+    tied = "lm_head.weight" not in jft.weights.read(dest)
+    assert tied == config["tie_word_embeddings"] == ("lm_head" not in variables["params"])
+    back = hf_load(transformers.AutoModelForCausalLM, dest, attn_implementation="eager")
+    want = causal_logits(ref, DECODER_IDS)
+    d = max_diff(causal_logits(back, DECODER_IDS), want)
+    report(f"export {family} -> hf from the jft model", d)
+    assert d <= TOL and np.abs(want).max() > 0.5
+
+
+def test_decoder_shards_bfloat16_and_refusals(decoders, tmp_path):
+    """Shards with an index, bfloat16 tensors and config; a config that cannot say the model."""
+    _, folder, model, _ = decoders("mistral")
+    dest = jft.weights.export(
+        folder, tmp_path / "bf16", "hf", dtype="bfloat16", max_shard_size="8KB"
+    )
+    index = json.load(open(os.path.join(dest, "model.safetensors.index.json")))
+    assert len(set(index["weight_map"].values())) > 1
+    assert json.load(open(os.path.join(dest, "config.json")))["dtype"] == "bfloat16"
+    got, want = jft.weights.read(dest), jft.weights.read(folder)
+    assert sorted(got) == sorted(want)
+    for name, value in want.items():
+        np.testing.assert_array_equal(got[name], value.astype(ml_dtypes.bfloat16), err_msg=name)
+    back = hf_load(transformers.AutoModelForCausalLM, dest)
+    assert back.dtype == torch.bfloat16
+
+    odd = model.clone(mlp_bias=True)  # Mistral has no MLP biases: say so, write nothing
+    odd_vars = jax.eval_shape(odd.init, jax.random.key(0), DECODER_IDS)
+    odd_vars = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), odd_vars)
+    with pytest.raises(WeightsError, match="cannot say mlp_bias=True") as e:
+        jft.weights.export(odd_vars, tmp_path / "odd", "hf", model=odd, like=folder)
+    assert "\n" not in str(e.value) and not os.path.exists(tmp_path / "odd")
+    with pytest.raises(WeightsError, match="a gpt2 model does not export to format 'timm'"):
+        jft.weights.export(decoders("gpt2")[1], tmp_path / "g.safetensors", "timm")
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -22,6 +22,41 @@ from jft.weights.restore import WeightsError
 Dtype = Any
 
 
+# Hugging Face config field -> jft model field; export (jft.weights.hf_decoder) reads them back.
+GPT2_FIELDS = {
+    "vocab_size": "vocab_size",
+    "n_positions": "n_positions",
+    "n_embd": "hidden_size",
+    "n_layer": "num_layers",
+    "n_head": "num_heads",
+    "n_inner": "intermediate_size",
+    "activation_function": "activation_function",
+    "layer_norm_epsilon": "layer_norm_eps",
+    "embd_pdrop": "embd_dropout",
+    "resid_pdrop": "resid_dropout",
+    "attn_pdrop": "attn_dropout",
+    "tie_word_embeddings": "tie_word_embeddings",
+}
+LLAMA_FIELDS = {
+    "vocab_size": "vocab_size",
+    "hidden_size": "hidden_size",
+    "num_hidden_layers": "num_layers",
+    "num_attention_heads": "num_heads",
+    "num_key_value_heads": "num_kv_heads",
+    "head_dim": "head_dim",
+    "intermediate_size": "intermediate_size",
+    "hidden_act": "hidden_act",
+    "hidden_activation": "hidden_act",  # Gemma 2's name wins when both are set
+    "rms_norm_eps": "rms_norm_eps",
+    "tie_word_embeddings": "tie_word_embeddings",
+    "attention_dropout": "attention_dropout",
+    "mlp_bias": "mlp_bias",
+    "query_pre_attn_scalar": "query_pre_attn_scalar",
+    "attn_logit_softcapping": "attn_logit_softcapping",
+    "final_logit_softcapping": "final_logit_softcapping",
+}
+
+
 def _fail(folder: str, problem: str) -> WeightsError:
     return WeightsError(f"{os.path.join(folder, 'config.json')}: {problem}")
 
@@ -50,23 +85,7 @@ def build_gpt2(config, folder, num_classes, dtype, overrides):
     ):
         if config.get(key, ok) != ok:
             raise _fail(folder, f"{key}={config[key]!r} is not supported (jft's GPT-2 has {ok})")
-    kwargs = _pick(
-        config,
-        {
-            "vocab_size": "vocab_size",
-            "n_positions": "n_positions",
-            "n_embd": "hidden_size",
-            "n_layer": "num_layers",
-            "n_head": "num_heads",
-            "n_inner": "intermediate_size",
-            "activation_function": "activation_function",
-            "layer_norm_epsilon": "layer_norm_eps",
-            "embd_pdrop": "embd_dropout",
-            "resid_pdrop": "resid_dropout",
-            "attn_pdrop": "attn_dropout",
-            "tie_word_embeddings": "tie_word_embeddings",
-        },
-    )
+    kwargs = _pick(config, GPT2_FIELDS)
     model = GPT2(dtype=dtype, **{**kwargs, **overrides})
     return model, "gpt2", (jnp.zeros((1, 8), jnp.int32),)
 
@@ -142,29 +161,7 @@ def build_llama(config, folder, num_classes, dtype, overrides):
     _no_head(folder, num_classes)
     model_type = config["model_type"]
     kwargs: dict[str, Any] = dict(_FAMILY_SWITCHES[model_type])
-    kwargs.update(
-        _pick(
-            config,
-            {
-                "vocab_size": "vocab_size",
-                "hidden_size": "hidden_size",
-                "num_hidden_layers": "num_layers",
-                "num_attention_heads": "num_heads",
-                "num_key_value_heads": "num_kv_heads",
-                "head_dim": "head_dim",
-                "intermediate_size": "intermediate_size",
-                "hidden_act": "hidden_act",
-                "hidden_activation": "hidden_act",  # Gemma 2's name wins when both are set
-                "rms_norm_eps": "rms_norm_eps",
-                "tie_word_embeddings": "tie_word_embeddings",
-                "attention_dropout": "attention_dropout",
-                "mlp_bias": "mlp_bias",
-                "query_pre_attn_scalar": "query_pre_attn_scalar",
-                "attn_logit_softcapping": "attn_logit_softcapping",
-                "final_logit_softcapping": "final_logit_softcapping",
-            },
-        )
-    )
+    kwargs.update(_pick(config, LLAMA_FIELDS))
     if config.get("attention_bias"):
         if model_type == "qwen2":
             raise _fail(folder, "attention_bias=true is not supported for qwen2 (q/k/v only)")

@@ -57,7 +57,10 @@ def export(
       ``transformers.AutoModel*.from_pretrained`` loads: ``BertModel`` /
       ``ViTModel`` / ``ResNetModel``, or with a ``head/`` the matching
       ``*ForSequenceClassification`` / ``*ForImageClassification`` with
-      ``num_labels`` and ``id2label``. The config comes from ``like`` (a Hugging
+      ``num_labels`` and ``id2label``; a decoder (GPT-2, Llama, Mistral, Qwen2,
+      Qwen3, Gemma, Gemma 2) as its ``*ForCausalLM`` for
+      ``AutoModelForCausalLM``, tied embeddings without ``lm_head.weight`` (see
+      :mod:`jft.weights.hf_decoder`). The config comes from ``like`` (a Hugging
       Face folder; ``src`` itself when it is one) and/or from ``model``; the
       tokenizer and sentence-transformers files of that folder are copied, and
       its tensors that jft does not model (a pooler, ``position_ids``) are
@@ -79,13 +82,14 @@ def export(
         folder, an orbax folder of variables (import-then-export round trip).
       dest: the file or folder to create.
       format: one of :data:`FORMATS`.
-      arch: the key map (``bert``, ``vit``, ``resnet``, ``vgg``); default: from
+      arch: the key map (``bert``, ``vit``, ``resnet``, ``vgg``, ``gpt2``,
+        ``llama``); default: from
         ``model``, else from the variable paths.
       model: the jft model the variables belong to (fills ``config.json``).
       like: a Hugging Face folder whose config, tokenizer and extra tensors to reuse.
       labels: class names of the head, in order (``id2label``); default ``LABEL_i``.
-      dtype: ``"bfloat16"``, ``"float16"`` or ``"float32"`` for floating tensors;
-        None keeps each tensor's.
+      dtype: ``"bfloat16"``, ``"float16"`` or ``"float32"`` for floating tensors
+        (an hf ``config.json`` says it as ``dtype``); None keeps each tensor's.
       max_shard_size: ``"hf"`` shard size (``"5GB"``, ``"200MB"`` or bytes).
       overwrite: replace an existing ``dest``.
 
@@ -122,8 +126,13 @@ def export(
     config = None
     if format == "hf":
         config = hf_folder.hf_config(arch, mapped, model, like, labels)
-        if like is not None:
+        if like is not None and arch in hf_folder.HF_PREFIX:
             flat = {**flat, **hf_folder.carried_tensors(arch, flat, like, source_flat)}
+        config.pop("torch_dtype", None)  # transformers 5's name is dtype
+        written = {writers.out_dtype(v, np_dtype).name for v in flat.values()}
+        floats = sorted(written & {"float64", *writers.DTYPES})
+        if len(floats) == 1:
+            config["dtype"] = floats[0]
     return _write(dest, format, flat, np_dtype, max_bytes, overwrite, config=config, like=like)
 
 
@@ -185,6 +194,7 @@ def _arch_of_model(model: nn.Module | None) -> str | None:
 
     kinds = {models.Bert: "bert", models.ViT: "vit", models.ResNet: "resnet"}
     kinds.update({models.VGG: "vgg", models.VGGFlattenHead: "vgg"})
+    kinds.update({models.GPT2: "gpt2", models.Llama: "llama"})
     return next((a for cls, a in kinds.items() if isinstance(model, cls)), None)
 
 
@@ -194,6 +204,8 @@ def _arch_of_paths(mapped: Mapping[str, np.ndarray]) -> str:
         "vit": "/backbone/embeddings/patch_embed/",
         "resnet": "/backbone/layer1_0/",
         "vgg": "/backbone/conv1_1/",
+        "gpt2": "/backbone/wte/",
+        "llama": "/backbone/embed_tokens/",
     }
     for arch, mark in marks.items():
         if any(mark in p for p in mapped):

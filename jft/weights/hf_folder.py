@@ -5,6 +5,7 @@ folder the model was imported from and/or the jft model's fields (the inverse of
 :func:`jft.weights.from_pretrained`'s reading); the tokenizer and
 sentence-transformers files of that folder are copied, and its tensors jft has
 no variable for (a pooler it does not use, ``position_ids``) are carried over.
+A decoder's config is :mod:`jft.weights.hf_decoder`'s.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 import flax.linen as nn
 import numpy as np
 
+from jft.weights import hf_decoder
 from jft.weights.readers import read
 from jft.weights.restore import WeightsError
 
@@ -73,6 +75,9 @@ CARRIED = (
     "vocab.json",
     "merges.txt",
     "spiece.model",
+    "tokenizer.model",
+    "generation_config.json",
+    "chat_template.jinja",
     "sentencepiece.bpe.model",
     "preprocessor_config.json",
     "modules.json",
@@ -102,6 +107,8 @@ def hf_config(
     """``config.json`` for the export: ``like``'s, updated from ``model`` and the head."""
     config_path = os.path.join(like, "config.json") if like else None
     config = _read_json(config_path) if config_path and os.path.exists(config_path) else {}
+    if arch in ("gpt2", "llama"):
+        return hf_decoder.decoder_config(arch, model, config, config_path)
     if config.get("model_type", arch) != arch:
         raise WeightsError(
             f"{config_path}: model_type {config['model_type']!r} is not the exported {arch}"
