@@ -11,8 +11,12 @@ This module imports nothing, so every layer of jft can subclass it.
 
 from __future__ import annotations
 
-__all__ = ["JftError"]
+__all__ = ["JftError", "UnknownNameError"]
 
 
 class JftError(Exception):
     """A user-facing jft error; its message is one line naming the problem and the fix."""
+
+
+class UnknownNameError(JftError, ValueError):
+    """A name no registry holds (model, key map, loss, optimizer); the message lists the known."""

@@ -8,6 +8,7 @@ import os
 import numpy as np
 import pytest
 
+from tests.helpers import JFT_BERT, JFT_VIT
 from tests.torch_refs import (
     BERT_CFG,
     TOL,
@@ -17,6 +18,7 @@ from tests.torch_refs import (
     max_diff,
     randomize,
     report,
+    state_dict,
     text_batch,
 )
 
@@ -35,20 +37,6 @@ import jft.weights
 from jft.models.bert import attention_bias
 from jft.models.vit import resize_pos_embed
 from jft.weights.keymaps.vit import fit_pos_embed
-
-JFT_BERT = dict(
-    vocab_size=100,
-    hidden_size=32,
-    num_layers=2,
-    num_heads=4,
-    intermediate_size=64,
-    max_position_embeddings=64,
-)
-JFT_VIT = dict(image_size=32, patch_size=8, hidden_size=32, num_layers=2, num_heads=4, mlp_dim=64)
-
-
-def state_dict(module: torch.nn.Module) -> dict[str, np.ndarray]:
-    return {k: v.detach().numpy() for k, v in module.state_dict().items()}
 
 
 def hf_bert(cls=transformers.BertModel, seed=0, **cfg):

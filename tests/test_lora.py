@@ -20,6 +20,7 @@ import jft.train
 from jft import partition, train
 from jft.peft import LoraConfig, LoraError
 from jft.train.checkpoint import read_params
+from tests.helpers import QV, flops, key, nbytes, perturbed, xent
 
 BERT = dict(
     vocab_size=100,
@@ -29,37 +30,6 @@ BERT = dict(
     intermediate_size=64,
     max_position_embeddings=64,
 )
-QV = r"backbone/encoder/layer_\d+/attention/(query|value)"
-
-
-def key(seed=0):
-    # rbg keys: threefry's random init takes seconds to compile on CPU.
-    return jax.random.key(seed, impl="rbg")
-
-
-def nbytes(tree):
-    return sum(x.nbytes for x in jax.tree.leaves(tree))
-
-
-def flops(compiled):
-    cost = compiled.cost_analysis()
-    return (cost[0] if isinstance(cost, list | tuple) else cost)["flops"]
-
-
-def xent(logits, batch):
-    return optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
-
-
-def perturbed(params, scale=0.1, seed=1):
-    """Random non-zero adapters (B starts at 0, which would hide a wrong B)."""
-    rng = np.random.default_rng(seed)
-
-    def move(path, x):
-        if str(path[-1].key).startswith("lora_"):
-            return x + jnp.asarray(rng.normal(size=x.shape) * scale, x.dtype)
-        return x
-
-    return jax.tree_util.tree_map_with_path(move, params)
 
 
 @pytest.fixture(scope="module")

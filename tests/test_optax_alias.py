@@ -69,7 +69,6 @@ REAL_ONLY = {(PARABOLA, jnp.complex64), (ROSENBROCK, jnp.complex64)}
 NO_ROSENBROCK = {(ROSENBROCK, jnp.float32), (ROSENBROCK, jnp.complex64)}
 RULES = {
     "gradient_descent": (optim.gradient_descent, {"lr": 2e-3}, NO_COMPLEX_ROSENBROCK),
-    "sgd": (optim.sgd, {"lr": 2e-3}, NO_COMPLEX_ROSENBROCK),
     "momentum": (optim.momentum, {"lr": 2e-3, "beta": 0.9}, set()),
     "heavy_ball": (optim.heavy_ball, {"lr": 1e-3, "momentum": 0.9}, set()),
     "heavy_ball_nesterov": (
@@ -140,9 +139,9 @@ def test_preserve_dtype(name, dtype):
     _optax_check("test_preserve_dtype")(name, _kwargs(name), dtype)
 
 
-# The slowest checks run on one rule of each state structure (not sgd, which is
-# gradient_descent, nor Nesterov's variant), float32 aside (test_optimization).
-CORE = [n for n in NAMES if n not in ("sgd", "heavy_ball_nesterov", "rmsprop_centered")]
+# The slowest checks run on one rule of each state structure (not Nesterov's
+# variant), float32 aside (test_optimization).
+CORE = [n for n in NAMES if n not in ("heavy_ball_nesterov", "rmsprop_centered")]
 DTYPES = (jnp.float16, jnp.bfloat16, jnp.float64, jnp.complex64, jnp.complex128)
 STABILITY = [
     (name, dtype)

@@ -14,7 +14,18 @@ import os
 import numpy as np
 import pytest
 
-from tests.torch_refs import BERT_CFG, VIT_CFG, images, import_timm, randomize, report, text_batch
+from tests.helpers import JFT_BERT, JFT_VIT, QV, key, perturbed, xent
+from tests.torch_refs import (
+    BERT_CFG,
+    TOL,
+    VIT_CFG,
+    images,
+    import_timm,
+    randomize,
+    report,
+    state_dict,
+    text_batch,
+)
 
 import_timm()  # first: it makes torchvision (which transformers and peft import) load
 
@@ -30,37 +41,6 @@ import jft.peft
 import jft.weights
 from jft import train
 from jft.peft import LoraConfig, LoraError
-
-TOL = 1e-4
-JFT_BERT = dict(
-    vocab_size=100,
-    hidden_size=32,
-    num_layers=2,
-    num_heads=4,
-    intermediate_size=64,
-    max_position_embeddings=64,
-)
-JFT_VIT = dict(image_size=32, patch_size=8, hidden_size=32, num_layers=2, num_heads=4, mlp_dim=64)
-QV = r"backbone/encoder/layer_\d+/attention/(query|value)"
-
-
-def key(seed=0):
-    return jax.random.key(seed, impl="rbg")
-
-
-def state_dict(module):
-    return {k: v.detach().numpy() for k, v in module.state_dict().items()}
-
-
-def perturbed(params, scale=0.1, seed=1):
-    rng = np.random.default_rng(seed)
-
-    def move(path, x):
-        if str(path[-1].key).startswith("lora_"):
-            return x + jnp.asarray(rng.normal(size=x.shape) * scale, x.dtype)
-        return x
-
-    return jax.tree_util.tree_map_with_path(move, params)
 
 
 @pytest.fixture(scope="module")
@@ -185,10 +165,6 @@ def test_real_minilm_adapter_loads_in_peft(tmp_path):
     diff = float(np.abs(ours - theirs)[tokens].max())
     report("peft all-MiniLM-L6-v2 lora (jft -> peft)", diff)
     assert diff <= TOL
-
-
-def xent(logits, batch):
-    return optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
 
 
 # ----------------------------------------------------------------------------- PEFT -> jft

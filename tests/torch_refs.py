@@ -142,3 +142,8 @@ def images(n: int = 2, size: int = 32, seed: int = 0):
     """The same random images as NHWC numpy (jft) and NCHW torch (reference)."""
     x = np.random.default_rng(seed).normal(size=(n, size, size, 3)).astype(np.float32)
     return x, torch.tensor(x.transpose(0, 3, 1, 2))
+
+
+def state_dict(module: torch.nn.Module) -> dict[str, np.ndarray]:
+    """A torch module's state dict as numpy arrays."""
+    return {k: v.detach().numpy() for k, v in module.state_dict().items()}

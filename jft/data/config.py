@@ -9,6 +9,8 @@ import ml_collections
 
 from jft.data.errors import DataError
 
+__all__ = ["default_config", "resolve"]
+
 
 def default_config() -> ml_collections.ConfigDict:
     """Returns `config.data` with every key `jft.data` reads, set to its default.

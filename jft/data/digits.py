@@ -10,6 +10,8 @@ from __future__ import annotations
 import numpy as np
 import tensorflow_datasets as tfds
 
+__all__ = ["PIXEL_MAX", "Digits", "split_indices"]
+
 #: The largest pixel value of digits (scikit-learn stores 0..16); dividing by it gives [0, 1].
 PIXEL_MAX = 16.0
 _SPLIT_SEED = 0

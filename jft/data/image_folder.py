@@ -22,6 +22,18 @@ import tensorflow_datasets as tfds
 
 from jft.data.errors import DataError
 
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "VALIDATION_FRACTION",
+    "ImageFolder",
+    "ImageFolderConfig",
+    "builder",
+    "folder_key",
+    "scan",
+    "split_files",
+    "unreadable",
+]
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 VALIDATION_FRACTION = 0.1
 

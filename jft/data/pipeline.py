@@ -24,6 +24,8 @@ from jft.data import preprocess as preprocess_lib
 from jft.data import sft, sources
 from jft.data.errors import DataError
 
+__all__ = ["DataInfo", "Pipeline", "get", "info"]
+
 _STATE_VERSION = 1
 
 

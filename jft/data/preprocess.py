@@ -47,6 +47,22 @@ import PIL.Image
 
 from jft.data.errors import DataError
 
+__all__ = [
+    "IMAGE_OPS",
+    "TEXT_OPS",
+    "Context",
+    "Op",
+    "apply",
+    "apply_image_op",
+    "load_tokenizer",
+    "parse",
+    "stack",
+    "text_key",
+    "to_float",
+    "tokenize",
+    "uniform",
+]
+
 IMAGE_OPS = (
     "resize",
     "center_crop",

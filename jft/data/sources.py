@@ -24,6 +24,15 @@ from jft.data import digits as digits_lib
 from jft.data import image_folder as image_folder_lib
 from jft.data.errors import DataError
 
+__all__ = [
+    "DOWNLOAD_PROBE",
+    "Dataset",
+    "MemoryRecords",
+    "SourceRecords",
+    "data_dir",
+    "open_dataset",
+]
+
 _CHUNK = 1024
 _MEMORY: collections.OrderedDict[tuple, MemoryRecords] = collections.OrderedDict()
 _MEMORY_SLOTS = 4

@@ -29,6 +29,24 @@ import jax.numpy as jnp
 from jft.models.layers import activation
 from jft.models.registry import register
 
+__all__ = [
+    "Bert",
+    "BertBackbone",
+    "BertEmbeddings",
+    "BertEncoder",
+    "BertLayer",
+    "BertOutput",
+    "SelfAttention",
+    "attention_bias",
+    "bert",
+    "bert_base",
+    "bert_large",
+    "get_activation",
+    "mean_pool",
+    "minilm_l12",
+    "minilm_l6",
+]
+
 Dtype = Any
 _POOLINGS = ("mean", "cls", "pooler")
 

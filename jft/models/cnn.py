@@ -12,6 +12,8 @@ import jax.numpy as jnp
 from jft.models.layers import BatchNorm, conv_general_dilated, max_pool
 from jft.models.registry import register
 
+__all__ = ["CNN", "CNNBackbone", "cnn"]
+
 Dtype = Any
 
 

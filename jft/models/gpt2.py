@@ -40,6 +40,8 @@ from jft.models._decoder import (
 from jft.models.layers import activation
 from jft.models.registry import register
 
+__all__ = ["GPT2", "GPT2Attention", "GPT2Backbone", "GPT2Block", "gpt2"]
+
 Dtype = Any
 
 

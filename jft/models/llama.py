@@ -56,6 +56,21 @@ from jft.models._decoder import (
 from jft.models.layers import activation
 from jft.models.registry import register
 
+__all__ = [
+    "LAYER_TYPES",
+    "Llama",
+    "LlamaAttention",
+    "LlamaBackbone",
+    "LlamaBlock",
+    "Mlp",
+    "gemma",
+    "gemma2",
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+]
+
 Dtype = Any
 LAYER_TYPES = ("full_attention", "sliding_attention")
 

@@ -12,6 +12,8 @@ import jax.numpy as jnp
 from jft.models import layers
 from jft.models.registry import register
 
+__all__ = ["MLP", "mlp"]
+
 Dtype = Any
 
 

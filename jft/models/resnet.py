@@ -19,6 +19,8 @@ import jax.numpy as jnp
 from jft.models.layers import BatchNorm, conv_general_dilated, max_pool, torch_padding
 from jft.models.registry import register
 
+__all__ = ["ResNet", "ResNetBackbone", "ResNetBlock", "resnet", "resnet18", "resnet34", "resnet50"]
+
 Dtype = Any
 
 

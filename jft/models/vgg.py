@@ -26,6 +26,8 @@ import jax.numpy as jnp
 from jft.models.layers import adaptive_avg_pool, conv_general_dilated, max_pool
 from jft.models.registry import register
 
+__all__ = ["LAYOUTS", "VGG", "VGGBackbone", "VGGFlattenHead", "vgg", "vgg16", "vgg16_flatten"]
+
 Dtype = Any
 LAYOUTS = ("torchvision", "timm", "keras")
 

@@ -32,6 +32,22 @@ from jft.models.bert import SelfAttention
 from jft.models.layers import activation
 from jft.models.registry import register
 
+__all__ = [
+    "ViT",
+    "ViTBackbone",
+    "ViTEmbeddings",
+    "ViTEncoder",
+    "ViTLayer",
+    "ViTMlp",
+    "resize_pos_embed",
+    "resize_weights",
+    "vit",
+    "vit_b16",
+    "vit_l16",
+    "vit_s16",
+    "vit_ti16",
+]
+
 Dtype = Any
 
 

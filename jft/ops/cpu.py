@@ -18,7 +18,16 @@ import numpy as np
 
 from jft.ops import reference
 
-__all__ = ["batch_norm_train", "compiler_options", "conv", "max_pool", "optimization_barrier"]
+__all__ = [
+    "YNN_OPTIONS",
+    "batch_norm_train",
+    "compiler_options",
+    "conv",
+    "max_pool",
+    "optimization_barrier",
+    "supported_options",
+    "tap_index_dtype",
+]
 
 # XLA:CPU hands convolutions to its YNNPACK library by default, whose backward
 # passes are several times slower on this kind of CPU than XLA's older Eigen

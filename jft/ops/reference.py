@@ -13,6 +13,8 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
+__all__ = ["batch_norm_apply", "batch_norm_stats", "batch_norm_train", "max_pool"]
+
 
 def max_pool(
     x: jax.Array,

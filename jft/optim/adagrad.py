@@ -9,6 +9,8 @@ import optax
 from jft.optim import _numerics, _validate
 from jft.optim.learning_rate import scale_by_learning_rate
 
+__all__ = ["AdagradState", "adagrad", "scale_by_adagrad"]
+
 
 class AdagradState(NamedTuple):
     """State of :func:`scale_by_adagrad`: the sum of squared gradients ``G``."""

@@ -9,6 +9,8 @@ import optax
 from jft.optim import _numerics, _validate
 from jft.optim.learning_rate import scale_by_learning_rate
 
+__all__ = ["AdamState", "adam", "adamw", "scale_by_adam"]
+
 
 class AdamState(NamedTuple):
     """State of :func:`scale_by_adam`: step count ``t`` (int32), moments ``m`` and ``v``."""

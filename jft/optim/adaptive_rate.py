@@ -9,6 +9,8 @@ import optax
 from jft.optim import _validate
 from jft.optim.learning_rate import scale_by_learning_rate
 
+__all__ = ["adaptive_rate", "scale_by_adaptive_rate"]
+
 _COMPLEX_REASON = (
     "g/(1 + beta*g) would turn a complex step off the gradient's direction: "
     "optimize the real and imaginary parts as real parameters"

@@ -5,6 +5,8 @@ import optax
 from jft.optim import _validate
 from jft.optim.learning_rate import scale_by_learning_rate
 
+__all__ = ["gradient_descent", "sgd"]
+
 
 def gradient_descent(lr: optax.ScalarOrSchedule) -> optax.GradientTransformationExtraArgs:
     r"""Gradient descent: a step of size ``lr`` against the gradient.
@@ -39,7 +41,8 @@ def gradient_descent(lr: optax.ScalarOrSchedule) -> optax.GradientTransformation
     Note:
       The building block is the identity, so this is
       :func:`jft.optim.scale_by_learning_rate`; it equals ``optax.sgd(lr)`` and
-      ``torch.optim.SGD(params, lr)``.
+      ``torch.optim.SGD(params, lr)``. :data:`jft.optim.sgd` is an alias of it (the
+      same rule, fed a minibatch gradient).
       Complex parameters: the rule is linear in :math:`g`, so it applies as it
       stands, as in optax and ``torch.optim.SGD`` (pass the conjugate of
       ``jax.grad``'s gradient, as optax does).
@@ -48,37 +51,12 @@ def gradient_descent(lr: optax.ScalarOrSchedule) -> optax.GradientTransformation
     return _validate.checked(scale_by_learning_rate(lr), "gradient_descent")
 
 
-def sgd(lr: optax.ScalarOrSchedule) -> optax.GradientTransformationExtraArgs:
-    r"""Stochastic gradient descent: :func:`gradient_descent` on a minibatch gradient.
+sgd = gradient_descent
+r"""Stochastic gradient descent: an alias of :func:`gradient_descent`.
 
-    Symbols: :math:`\theta` the parameters, :math:`\alpha` the learning rate,
-    :math:`\nabla L_B(\theta)` the gradient of the loss on the minibatch :math:`B`.
-
-    .. math::
-
-        \theta \leftarrow \theta - \alpha \nabla L_B(\theta)
-
-    Args:
-      lr: learning rate :math:`\alpha` (``>= 0``), or an optax schedule.
-
-    Returns:
-      An ``optax.GradientTransformationExtraArgs``; the update rule is the same as
-      :func:`gradient_descent`, only the gradient fed to it differs.
-
-    Example:
-      >>> import jax.numpy as jnp, jft
-      >>> tx = jft.optim.sgd(0.5)
-      >>> updates, _ = tx.update(jnp.array([1.0, -2.0]), tx.init(jnp.zeros(2)))
-      >>> updates
-      Array([-0.5,  1. ], dtype=float32)
-
-    References:
-      Robbins and Monro, *A stochastic approximation method*, 1951.
-
-    Note:
-      No momentum: ``optax.sgd(lr)`` and ``torch.optim.SGD(params, lr)`` both take
-      a ``momentum`` argument; here that is :func:`jft.optim.heavy_ball`.
-      Complex parameters: as :func:`gradient_descent`.
-    """
-    _validate.learning_rate(lr)
-    return _validate.checked(scale_by_learning_rate(lr), "sgd")
+The rule is the same, :math:`\theta \leftarrow \theta - \alpha \nabla L_B(\theta)`; only
+the gradient fed to it differs (that of a minibatch :math:`B`). ``jft.optim.sgd is
+jft.optim.gradient_descent``, and an error names ``gradient_descent``. Unlike
+``optax.sgd`` and ``torch.optim.SGD`` it takes no ``momentum``: that is
+:func:`jft.optim.heavy_ball`. Robbins and Monro, *A stochastic approximation method*, 1951.
+"""

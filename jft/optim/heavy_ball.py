@@ -8,6 +8,8 @@ import optax
 from jft.optim import _validate
 from jft.optim.learning_rate import scale_by_learning_rate
 
+__all__ = ["HeavyBallState", "heavy_ball", "scale_by_heavy_ball"]
+
 
 class HeavyBallState(NamedTuple):
     """State of :func:`scale_by_heavy_ball`: the momentum buffer ``b``, shaped like params."""

@@ -8,6 +8,8 @@ import optax
 
 from jft.optim import _validate
 
+__all__ = ["LearningRateState", "scale_by_learning_rate"]
+
 
 class LearningRateState(NamedTuple):
     """State of :func:`scale_by_learning_rate`.

@@ -8,6 +8,8 @@ import optax
 from jft.optim import _validate
 from jft.optim.learning_rate import scale_by_learning_rate
 
+__all__ = ["MomentumState", "momentum", "scale_by_momentum"]
+
 
 class MomentumState(NamedTuple):
     """State of :func:`scale_by_momentum`: the velocity ``v``, shaped like params."""

@@ -8,6 +8,8 @@ import optax
 
 from jft.optim import _validate
 
+__all__ = ["ReduceOnPlateauState", "reduce_on_plateau"]
+
 
 class ReduceOnPlateauState(NamedTuple):
     """State of :func:`reduce_on_plateau`.

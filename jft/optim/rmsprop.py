@@ -9,6 +9,8 @@ import optax
 from jft.optim import _numerics, _validate
 from jft.optim.learning_rate import scale_by_learning_rate
 
+__all__ = ["RMSpropState", "rmsprop", "scale_by_rmsprop"]
+
 
 class RMSpropState(NamedTuple):
     """State of :func:`scale_by_rmsprop`, each entry shaped like params.

@@ -9,6 +9,8 @@ import optax
 from jft.optim import _validate
 from jft.optim.learning_rate import scale_by_learning_rate
 
+__all__ = ["SubgradientState", "scale_by_subgradient", "subgradient"]
+
 
 class SubgradientState(NamedTuple):
     """State of :func:`scale_by_subgradient`: the step count ``t`` (int32, from 0)."""

@@ -16,6 +16,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from jft._paths import filter_leaves, flatten
 from jft.errors import JftError
 
 __all__ = [
@@ -103,16 +104,6 @@ class LoraConfig:
         return self.variant in ("dora", "rsdora")
 
 
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            out.update(_flatten(value, f"{prefix}{key}/"))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def _is_adapter(path: str) -> bool:
     return path.rsplit("/", 1)[-1] in ADAPTER_LEAVES
 
@@ -130,7 +121,7 @@ def resolve_targets(params: Mapping[str, Any], config: LoraConfig) -> tuple[str,
         holds no kernel (a LayerNorm, an embedding): LoRA cannot adapt it.
     """
     modules: dict[str, list[str]] = {}
-    for path in _flatten(params):
+    for path in flatten(params):
         module, _, leaf = path.rpartition("/")
         if not _is_adapter(path):
             modules.setdefault(module, []).append(leaf)
@@ -158,25 +149,12 @@ def resolve_targets(params: Mapping[str, Any], config: LoraConfig) -> tuple[str,
 
 def adapters(params: Mapping[str, Any]) -> dict[str, Any]:
     """The adapter parameters of ``params`` alone (a nested dict, same paths)."""
-    return _filter(params, _is_adapter)
+    return filter_leaves(params, _is_adapter)
 
 
 def strip_adapters(params: Mapping[str, Any]) -> dict[str, Any]:
     """``params`` without its adapter parameters: the base model's tree (same arrays)."""
-    return _filter(params, lambda p: not _is_adapter(p))
-
-
-def _filter(tree: Mapping[str, Any], keep, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for key, value in tree.items():
-        path = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            sub = _filter(value, keep, path + "/")
-            if sub:
-                out[key] = sub
-        elif keep(path):
-            out[key] = value
-    return out
+    return filter_leaves(params, lambda p: not _is_adapter(p))
 
 
 def adapter_rules(optimizer: Any, *, also: Sequence[str] = ()) -> list[tuple[str, Any]]:

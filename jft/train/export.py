@@ -19,6 +19,8 @@ from jft import peft, weights
 from jft.train import config as config_lib
 from jft.train.checkpoint import CheckpointError, is_checkpoint_dir, read_config, read_params
 
+__all__ = ["export"]
+
 _BY_SUFFIX = {".safetensors": "safetensors", ".npz": "npz"}
 
 

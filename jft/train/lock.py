@@ -25,7 +25,7 @@ import time
 
 from jft.errors import JftError
 
-__all__ = ["WorkdirError", "WorkdirLock"]
+__all__ = ["WorkdirError", "WorkdirLock", "writable_dir"]
 
 LOCK_NAME = ".jft.lock"
 

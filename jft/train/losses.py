@@ -31,10 +31,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jft._registry import Registry
 from jft.train.inputs import labels as batch_labels
 
 __all__ = [
     "IGNORE_INDEX",
+    "LOSSES",
     "Loss",
     "TokenLoss",
     "causal_lm_xent",
@@ -193,17 +195,20 @@ def causal_lm_xent() -> TokenLoss:
     return TokenLoss("causal_lm_xent", per_token)
 
 
-_LOSSES: dict[str, Callable[..., Loss]] = {
-    "softmax_xent": softmax_xent,
-    "sigmoid_xent": sigmoid_xent,
-    "mse": mse,
-    "causal_lm_xent": causal_lm_xent,
-}
+LOSSES: Registry[Callable[..., Loss]] = Registry(
+    "loss",
+    {
+        "softmax_xent": softmax_xent,
+        "sigmoid_xent": sigmoid_xent,
+        "mse": mse,
+        "causal_lm_xent": causal_lm_xent,
+    },
+)
 
 
 def names() -> list[str]:
     """The names :func:`get` knows."""
-    return sorted(_LOSSES)
+    return LOSSES.names()
 
 
 def get(name: str, **kwargs: Any) -> Loss:
@@ -213,14 +218,13 @@ def get(name: str, **kwargs: Any) -> Loss:
     is accepted (and ignored) for them, so one config schema fits every loss.
 
     Raises:
-      ValueError: an unknown name (the message lists the known ones) or an
-        argument the loss does not take.
+      UnknownNameError: an unknown name (the message lists the known ones).
+      ValueError: an argument the loss does not take.
     """
-    if name not in _LOSSES:
-        raise ValueError(f"unknown loss {name!r}; known: {', '.join(names())}")
+    factory = LOSSES.get(name)
     if name in ("mse", "causal_lm_xent") and not kwargs.get("label_smoothing", 0.0):
         kwargs.pop("label_smoothing", None)
     try:
-        return _LOSSES[name](**kwargs)
+        return factory(**kwargs)
     except TypeError as e:
         raise ValueError(f"loss {name!r}: {e}") from None

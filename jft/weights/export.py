@@ -23,6 +23,8 @@ from jft.weights.convert import infer_arch, save_checkpoint
 from jft.weights.readers import read
 from jft.weights.restore import WeightsError
 
+__all__ = ["FORMATS", "export"]
+
 FORMATS = ("hf", "timm", "torchvision", "keras", "safetensors", "npz", "orbax")
 """``--format`` values: source layouts first, then jft's own names."""
 

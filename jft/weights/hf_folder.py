@@ -23,6 +23,16 @@ from jft.weights import hf_decoder
 from jft.weights.readers import read
 from jft.weights.restore import WeightsError
 
+__all__ = [
+    "CARRIED",
+    "HF_CLASSES",
+    "HF_FIELDS",
+    "HF_PREFIX",
+    "carried_tensors",
+    "copy_folder_files",
+    "hf_config",
+]
+
 HF_CLASSES = {  # arch -> (without head, with head)
     "bert": ("BertModel", "BertForSequenceClassification"),
     "vit": ("ViTModel", "ViTForImageClassification"),

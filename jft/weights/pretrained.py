@@ -15,6 +15,7 @@ from flax import traverse_util
 from flax.core import unfreeze
 
 from jft.weights._decoders import DECODER_BUILDERS
+from jft.weights.hf_folder import HF_FIELDS
 from jft.weights.readers import folder_file, read
 from jft.weights.restore import RestoreReport, WeightsError, restore
 
@@ -153,7 +154,10 @@ def _read_config(folder: str) -> dict[str, Any]:
 
 
 def _pick(config: Mapping[str, Any], names: Mapping[str, str]) -> dict[str, Any]:
-    """Renames the HF config fields in ``names`` (HF name -> jft field) that ``config`` has."""
+    """Renames the HF config fields in ``names`` (HF name -> jft field) that ``config`` has.
+
+    ``names`` is :data:`jft.weights.hf_folder.HF_FIELDS`'s table, which export reads backwards.
+    """
     return {
         ours: config[theirs] for theirs, ours in names.items() if config.get(theirs) is not None
     }
@@ -168,23 +172,7 @@ def _build_bert(config, folder, num_classes, dtype, overrides):
             f"{os.path.join(folder, 'config.json')}: position_embedding_type {position!r} "
             "is not supported (only 'absolute')"
         )
-    kwargs = _pick(
-        config,
-        {
-            "vocab_size": "vocab_size",
-            "hidden_size": "hidden_size",
-            "num_hidden_layers": "num_layers",
-            "num_attention_heads": "num_heads",
-            "intermediate_size": "intermediate_size",
-            "hidden_act": "hidden_act",
-            "max_position_embeddings": "max_position_embeddings",
-            "type_vocab_size": "type_vocab_size",
-            "hidden_dropout_prob": "dropout_rate",
-            "attention_probs_dropout_prob": "attention_dropout_rate",
-            "classifier_dropout": "classifier_dropout",
-            "layer_norm_eps": "layer_norm_eps",
-        },
-    )
+    kwargs = _pick(config, HF_FIELDS["bert"])
     kwargs["pooling"] = _bert_pooling(config, folder)
     model = Bert(num_classes=num_classes, dtype=dtype, **{**kwargs, **overrides})
     ids = jnp.zeros((1, 8), jnp.int32)
@@ -216,22 +204,7 @@ def _build_vit(config, folder, num_classes, dtype, overrides):
     del folder
     from jft.models.vit import ViT
 
-    kwargs = _pick(
-        config,
-        {
-            "image_size": "image_size",
-            "patch_size": "patch_size",
-            "hidden_size": "hidden_size",
-            "num_hidden_layers": "num_layers",
-            "num_attention_heads": "num_heads",
-            "intermediate_size": "mlp_dim",
-            "hidden_act": "hidden_act",
-            "hidden_dropout_prob": "dropout_rate",
-            "attention_probs_dropout_prob": "attention_dropout_rate",
-            "layer_norm_eps": "layer_norm_eps",
-            "qkv_bias": "qkv_bias",
-        },
-    )
+    kwargs = _pick(config, HF_FIELDS["vit"])
     # HF's ViTConfig default eps, for a config.json that leaves it out; HF resamples
     # position embeddings with plain bicubic (interpolate_pos_encoding=True).
     kwargs = {"layer_norm_eps": 1e-12, "resize_antialias": False, **kwargs, **overrides}

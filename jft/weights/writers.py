@@ -22,6 +22,20 @@ import numpy as np
 
 from jft.weights.readers import _SAFETENSORS_DTYPES
 
+__all__ = [
+    "DTYPES",
+    "cast",
+    "nbytes",
+    "out_dtype",
+    "parse_size",
+    "shards",
+    "write_hf_safetensors",
+    "write_keras_h5",
+    "write_npz",
+    "write_safetensors",
+    "write_torch",
+]
+
 _CODES = {dtype: code for code, dtype in _SAFETENSORS_DTYPES.items()}
 DTYPES = {
     "float32": np.dtype(np.float32),

@@ -25,54 +25,58 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 
+from jft._registry import Registry
+
+__all__ = [
+    "Inverse",
+    "KeyMap",
+    "get",
+    "inverse",
+    "layouts",
+    "names",
+    "register",
+    "register_inverse",
+]
+
 KeyMap = Callable[[Mapping[str, np.ndarray]], tuple[dict[str, np.ndarray], list[str]]]
 Inverse = Callable[[Mapping[str, np.ndarray], str], tuple[dict[str, np.ndarray], list[str]]]
-_KEYMAPS: dict[str, KeyMap] = {}
-_INVERSES: dict[str, tuple[Inverse, tuple[str, ...]]] = {}
+_KEYMAPS: Registry[KeyMap] = Registry("arch")
+_INVERSES: Registry[tuple[Inverse, tuple[str, ...]]] = Registry("export arch")
 
 
 def register(arch: str) -> Callable[[KeyMap], KeyMap]:
     """Registers a key map for ``arch`` (a decorator)."""
-
-    def wrap(fn: KeyMap) -> KeyMap:
-        _KEYMAPS[arch] = fn
-        return fn
-
-    return wrap
+    return _KEYMAPS.register(arch)
 
 
 def get(arch: str) -> KeyMap:
-    """Returns the key map of ``arch``; a ``ValueError`` lists the known ones."""
-    if arch not in _KEYMAPS:
-        raise ValueError(f"unknown arch {arch!r}; known: {', '.join(sorted(_KEYMAPS))}")
-    return _KEYMAPS[arch]
+    """Returns the key map of ``arch``; an ``UnknownNameError`` lists the known ones."""
+    return _KEYMAPS.get(arch)
 
 
 def register_inverse(arch: str, layouts: tuple[str, ...]) -> Callable[[Inverse], Inverse]:
     """Registers the export direction of ``arch``'s key map and the layouts it writes."""
 
     def wrap(fn: Inverse) -> Inverse:
-        _INVERSES[arch] = (fn, tuple(layouts))
+        _INVERSES.register(arch)((fn, tuple(layouts)))
         return fn
 
     return wrap
 
 
 def inverse(arch: str) -> Inverse:
-    """The export direction of ``arch``'s key map; a ``ValueError`` lists the known ones."""
-    if arch not in _INVERSES:
-        raise ValueError(f"no export for arch {arch!r}; known: {', '.join(sorted(_INVERSES))}")
-    return _INVERSES[arch][0]
+    """The export direction of ``arch``'s key map; an ``UnknownNameError`` lists the known ones."""
+    return _INVERSES.get(arch)[0]
 
 
 def layouts(arch: str) -> tuple[str, ...]:
     """The source layouts ``arch`` exports to (empty: none)."""
-    return _INVERSES.get(arch, (None, ()))[1]
+    return _INVERSES.get(arch)[1] if arch in _INVERSES else ()
 
 
 def names() -> list[str]:
     """The architectures that have a key map, sorted."""
-    return sorted(_KEYMAPS)
+    return _KEYMAPS.names()
 
 
 from jft.weights.keymaps import bert, gpt2, jft, llama, resnet, vgg, vit  # noqa: E402, F401  (registers the key maps)

@@ -19,6 +19,8 @@ import numpy as np
 from jft.weights.keymaps import register, register_inverse
 from jft.weights.keymaps._table import EMBED, LINEAR, NORM, Rule, Table
 
+__all__ = ["HEAD_PREFIX", "RULES", "convert", "export", "find_prefix"]
+
 _ANCHOR = "embeddings.word_embeddings.weight"
 _LAYER = "encoder.layer.{i}"
 _JFT_LAYER = "backbone/encoder/layer_{i}"

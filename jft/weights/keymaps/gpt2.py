@@ -20,6 +20,8 @@ from jft.weights.keymaps import register, register_inverse
 from jft.weights.keymaps._table import EMBED, LINEAR, NORM, Kind, Leaf, Rule, Table
 from jft.weights.keymaps.bert import find_prefix
 
+__all__ = ["CONV1D", "PREFIX", "RULES", "convert", "export"]
+
 # GPT-2's Conv1D: weight (in, out) <-> kernel, bias <-> bias; no layout change.
 CONV1D: Kind = (Leaf("weight", "kernel"), Leaf("bias", "bias"))
 _ANCHOR = "wte.weight"

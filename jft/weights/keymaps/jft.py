@@ -13,6 +13,8 @@ import numpy as np
 
 from jft.weights.keymaps import register
 
+__all__ = ["convert"]
+
 _COLLECTIONS = ("params/", "batch_stats/")
 _ROOTS = ("backbone/", "head/")
 

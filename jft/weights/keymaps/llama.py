@@ -21,6 +21,8 @@ from jft.weights.keymaps import register, register_inverse
 from jft.weights.keymaps._table import EMBED, LINEAR, NORM, Rule, Table
 from jft.weights.keymaps.bert import find_prefix
 
+__all__ = ["PREFIX", "RULES", "convert", "export"]
+
 _ANCHOR = "embed_tokens.weight"
 _L = "layers.{i}"
 _J = "backbone/layers_{i}"

@@ -28,6 +28,8 @@ import numpy as np
 from jft.weights.keymaps import register, register_inverse
 from jft.weights.keymaps._table import BATCH_NORM, CONV_NO_BIAS, LINEAR, Rule, Table
 
+__all__ = ["HEAD_PREFIX", "HF_RULES", "TORCH_RULES", "convert", "export"]
+
 _B = "backbone/layer{s}_{b}"
 TORCH_RULES = (
     Rule("conv1", "backbone/conv1", CONV_NO_BIAS),

@@ -46,6 +46,8 @@ from jft.weights.keymaps._table import (
     Table,
 )
 
+__all__ = ["convert", "export", "keras_table", "torch_table"]
+
 # Convs per block of the standard VGGs, by their total number of convs.
 _STAGES = {8: (1, 1, 2, 2, 2), 10: (2, 2, 2, 2, 2), 13: (2, 2, 3, 3, 3), 16: (2, 2, 4, 4, 4)}
 

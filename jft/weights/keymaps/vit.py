@@ -31,6 +31,8 @@ from jft.weights.keymaps import register, register_inverse
 from jft.weights.keymaps._table import CONV, LINEAR, NORM, TENSOR, Rule, Table
 from jft.weights.keymaps.bert import find_prefix
 
+__all__ = ["HEAD_PREFIX", "HF_RULES", "TIMM_RULES", "convert", "export", "fit_pos_embed"]
+
 _TIMM_ANCHOR = "patch_embed.proj.weight"
 _HF_ANCHOR = "embeddings.patch_embeddings.projection.weight"
 _L = "backbone/encoder/layer_{i}"
