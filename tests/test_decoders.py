@@ -396,3 +396,84 @@ def test_registered_names_build_hashable_models():
     for name in ("gpt2", "qwen3"):
         with pytest.raises(JftError, match="num_classes=3: a causal language model has no"):
             jft.models.get(name, num_classes=3)
+
+
+@pytest.fixture(scope="module")
+def wide_llama(tmp_path_factory):
+    """A Llama folder whose large leaves pass FSDP's size floor, and its plain load."""
+    config = transformers.LlamaConfig(
+        vocab_size=512, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, attn_implementation="eager",
+    )  # fmt: skip
+    torch.manual_seed(8)
+    folder = tmp_path_factory.mktemp("wide_llama")
+    _randomize(transformers.LlamaForCausalLM(config), 8).save_pretrained(folder)
+    return folder, from_pretrained(folder)
+
+
+def _mesh(shape, names):
+    n = int(np.prod(shape))
+    return jax.sharding.Mesh(np.asarray(jax.devices()[:n]).reshape(shape), names)
+
+
+@pytest.mark.devices(8)
+@pytest.mark.parametrize("layout", ["fsdp", "fsdp+tensor"])
+def test_load_onto_mesh(wide_llama, layout):
+    """Each tensor lands in its rule's sharding with the values of a plain load; FSDP gives
+    the train step's own layout, so nothing moves when training starts."""
+    from flax import traverse_util
+
+    from jft.train import parallel
+    from jft.weights import sharding
+
+    folder, (_, plain) = wide_llama
+    if layout == "fsdp":
+        mesh = _mesh((8,), ("data",))
+        rules = ((".*", sharding.FSDP),)
+    else:  # heads and MLP units over "model", the rest FSDP over "data"
+        mesh = _mesh((2, 4), ("data", "model"))
+        rules = tuple(
+            (p, jax.P("data", *s[1:]) if s and s[0] is None else s)
+            for p, s in sharding.LLAMA_TENSOR_PARALLEL
+        )
+    _, variables = from_pretrained(folder, mesh=mesh, sharding_rules=rules)
+    got = traverse_util.flatten_dict(variables, sep="/")
+    want = traverse_util.flatten_dict(plain, sep="/")
+    assert got.keys() == want.keys()
+    if layout == "fsdp":
+        expected = traverse_util.flatten_dict(
+            parallel.state_shardings(plain, parallel.make_mesh(jax.devices()[:8]), fsdp=True),
+            sep="/",
+        )
+        specs = {p: expected[p].spec for p in got}
+    else:
+        specs = {p: s.spec for p, s in sharding.rule_shardings(got, mesh, rules).items()}
+        assert specs["params/backbone/layers_0/attention/q_proj/kernel"] == jax.P("data", "model")
+        assert specs["params/backbone/layers_0/mlp/down_proj/kernel"] == jax.P("model", None)
+    assert specs["params/backbone/embed_tokens/embedding"] != jax.P()
+    assert specs["params/backbone/norm/scale"] == jax.P()
+    for path, value in got.items():
+        assert value.sharding.spec == specs[path], path
+        assert value.sharding.mesh.shape == mesh.shape, path
+        assert value.dtype == want[path].dtype
+        np.testing.assert_array_equal(np.asarray(value), np.asarray(want[path]), err_msg=path)
+
+
+@pytest.mark.devices(8)
+def test_load_onto_mesh_refuses_bad_rules_before_reading(wide_llama):
+    folder, _ = wide_llama
+    mesh, three = _mesh((8,), ("data",)), _mesh((3,), ("data",))
+    cases = [
+        (mesh, ((r"params/lm_head/.*", None),), r"no sharding rule matches params/backbone/"),
+        (mesh, ((".*", jax.P("model")),), r"names mesh axes \['model'\]; the mesh has \('data',\)"),
+        (
+            mesh,
+            ((".*", jax.P(None, None, "data")),),
+            r"embedding has more entries than its shape \(512, 64\)",
+        ),
+        (three, ((".*norm.*", None), (".*", jax.P("data"))), r"dimension 0 of shape \(512, 64\)"),
+    ]
+    for mesh, rules, message in cases:
+        with pytest.raises(WeightsError, match=message) as info:
+            from_pretrained(folder, mesh=mesh, sharding_rules=rules)
+        assert "\n" not in str(info.value)

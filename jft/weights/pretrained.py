@@ -13,11 +13,13 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 from flax.core import unfreeze
+from jax.sharding import Mesh
 
 from jft.weights._decoders import DECODER_BUILDERS
 from jft.weights.hf_folder import HF_FIELDS
 from jft.weights.readers import folder_file, read
 from jft.weights.restore import RestoreReport, WeightsError, restore
+from jft.weights.sharding import FSDP, place, rule_shardings
 
 Dtype = Any
 _log = logging.getLogger(__name__)
@@ -32,6 +34,8 @@ def from_pretrained(
     strict: bool = True,
     rng: jax.Array | None = None,
     return_report: bool = False,
+    mesh: Mesh | None = None,
+    sharding_rules: Sequence[tuple[str, Any]] = ((".*", FSDP),),
     **overrides: Any,
 ) -> tuple[nn.Module, dict[str, Any]] | tuple[nn.Module, dict[str, Any], RestoreReport]:
     """Returns ``(model, variables)`` built from ``folder/config.json`` and its weights.
@@ -73,6 +77,13 @@ def from_pretrained(
       rng: PRNG key for the init of skipped parameters; default ``key(0)``.
       return_report: also return the :class:`jft.weights.RestoreReport` (what
         was loaded, kept from init, unused in the file).
+      mesh: read each tensor straight into its sharding on this mesh
+        (:mod:`jft.weights.sharding`): the host holds about two shards of a
+        tensor at a time beyond the placed arrays, never the whole model.
+      sharding_rules: with ``mesh``, ``(regex, spec)`` pairs over variable paths,
+        first match wins (default FSDP over the ``"data"`` axis, as the train
+        step's ``fsdp=True``; :data:`jft.weights.sharding.LLAMA_TENSOR_PARALLEL`
+        for tensor parallelism over a ``"model"`` axis).
       **overrides: model fields that replace the config's (``dropout_rate=0.0``,
         ``image_size=384``, ``pooling="cls"``, ``frozen_bn=...``).
 
@@ -106,14 +117,23 @@ def from_pretrained(
     # not fill (a new head): XLA drops the random init of everything else, which
     # for BERT's word embeddings costs seconds on a CPU.
     abstract = jax.eval_shape(lambda r: model.init(r, *example), rng)
+    shardings = None
+    if mesh is not None:  # checked before a byte is read
+        shardings = rule_shardings(_flat(abstract), mesh, sharding_rules)
     flat = read(folder)
     if arch == "vit":
         from jft.weights.keymaps.vit import fit_pos_embed
 
         flat = fit_pos_embed(flat, abstract, _vit_grid(model), antialias=model.resize_antialias)
-    variables, report = restore(abstract, flat, arch, skip=skip, strict=strict, source=folder)
+    variables, report = restore(
+        abstract, flat, arch, skip=skip, strict=strict, source=folder, materialize=mesh is None
+    )
+    if shardings is not None:
+        variables = _place_all(variables, abstract, shardings, folder)
     if report.kept:
         kept = _init_some(model, rng, example, report.kept)
+        if shardings is not None:
+            kept = {p: jax.device_put(v, shardings[p]) for p, v in kept.items()}
         variables = traverse_util.flatten_dict(variables, sep="/")
         variables.update(kept)
         variables = traverse_util.unflatten_dict(variables, sep="/")
@@ -122,6 +142,22 @@ def from_pretrained(
     log = _log.warning if report.kept or report.unused else _log.info
     log("from_pretrained(%s): %s", folder, report)
     return (model, variables, report) if return_report else (model, variables)
+
+
+def _flat(tree: Any) -> dict[str, Any]:
+    return traverse_util.flatten_dict(unfreeze(tree), sep="/")
+
+
+def _place_all(variables: Any, abstract: Any, shardings: Mapping[str, Any], folder: str) -> Any:
+    """The loaded leaves placed on their shardings one by one; kept ones stay abstract."""
+    dtypes = {p: v.dtype for p, v in _flat(abstract).items()}
+    out = {}
+    for path, value in _flat(variables).items():
+        if isinstance(value, jax.ShapeDtypeStruct):
+            out[path] = value
+        else:
+            out[path] = place(value, shardings[path], dtypes[path], path=path, source=folder)
+    return traverse_util.unflatten_dict(out, sep="/")
 
 
 def _init_some(model: nn.Module, rng: jax.Array, example: tuple[Any, ...], paths: Sequence[str]):

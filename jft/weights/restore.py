@@ -128,6 +128,7 @@ def restore(
     strict: bool = True,
     *,
     source: str | None = None,
+    materialize: bool = True,
 ) -> tuple[dict[str, Any], RestoreReport]:
     """Returns ``variables`` filled from ``flat``, and a report.
 
@@ -140,6 +141,9 @@ def restore(
       strict: when True, a variable missing from the file is an error; when
         False it keeps its init value and is listed in ``report.kept``.
       source: the file the arrays came from, named in error messages.
+      materialize: when False, loaded leaves stay the key map's arrays (views of a
+        memory-mapped file, in the file's dtype) and are not checked finite: the
+        caller places and checks them shard by shard (:func:`jft.weights.sharding.place`).
 
     Returns:
       ``(variables, report)``: new variables, same tree and dtypes as the input.
@@ -179,7 +183,7 @@ def restore(
             mismatched.append(f"{path}: file {tuple(value.shape)} vs model {tuple(init.shape)}")
             out[path] = init
             continue
-        out[path] = jnp.asarray(value, dtype=init.dtype)
+        out[path] = jnp.asarray(value, dtype=init.dtype) if materialize else value
         loaded.append(path)
 
     unused = list(unused) + [k for k in mapped if k not in target or _skipped(k, patterns)]
@@ -195,7 +199,8 @@ def restore(
         problems.append(problem)
     if problems:
         raise WeightsError(" | ".join(problems))
-    check_finite({p: mapped[p] for p in loaded}, flat, source)
+    if materialize:
+        check_finite({p: mapped[p] for p in loaded}, flat, source)
     kept += missing
     report = RestoreReport(tuple(loaded), tuple(kept), tuple(sorted(unused)))
     return traverse_util.unflatten_dict(out, sep="/"), report
