@@ -16,10 +16,7 @@ import jft
 import jft.weights
 from jft import layerwise, partition, train
 from jft.models.resnet import resnet, resnet18
-
-
-def xent(logits, batch):
-    return optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+from tests.helpers import flops, key, nbytes, xent
 
 
 def image_batch(n=2, size=32, classes=10, seed=0):
@@ -30,11 +27,6 @@ def image_batch(n=2, size=32, classes=10, seed=0):
     }
 
 
-def key():
-    # rbg keys: threefry's random init takes seconds to compile on CPU here.
-    return jax.random.key(0, impl="rbg")
-
-
 def init(model, batch):
     return jax.jit(model.init)(key(), batch["image"])
 
@@ -43,19 +35,8 @@ def copy(tree):
     return jax.tree.map(np.array, tree)
 
 
-def nbytes(tree):
-    return sum(x.nbytes for x in jax.tree.leaves(tree))
-
-
 def flat(tree):
     return traverse_util.flatten_dict(tree, sep="/")
-
-
-def flops(compiled):
-    cost = compiled.cost_analysis()
-    if isinstance(cost, list | tuple):  # older JAX: one dict per computation
-        cost = cost[0]
-    return cost["flops"]
 
 
 @pytest.fixture(scope="module")

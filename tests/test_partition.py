@@ -10,6 +10,7 @@ import pytest
 import jft
 from jft import layerwise, partition
 from jft.partition import PartitionError
+from tests.helpers import nbytes
 
 
 def make_params():
@@ -21,10 +22,6 @@ def make_params():
         },
         "head": {"kernel": jnp.ones((8, 4)), "bias": jnp.zeros(4)},
     }
-
-
-def nbytes(tree):
-    return sum(x.nbytes for x in jax.tree.leaves(tree))
 
 
 HEAD_ONLY = [("head/.*", optax.adam(1e-3)), ("backbone/.*", None)]
