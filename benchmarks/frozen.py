@@ -102,6 +102,7 @@ def _optax_recipe_step(model, variables, rules, loss_fn, inputs, norms):
     import optax
 
     from jft import partition
+    from jft.models.frozen_bn import frozen_bn_patterns
 
     labels = jax.tree.map(
         lambda label: "freeze" if label == partition.FROZEN else "train",
@@ -110,7 +111,7 @@ def _optax_recipe_step(model, variables, rules, loss_fn, inputs, norms):
     adam = [tx for _, tx in rules if tx is not None][0]
     tx = optax.multi_transform({"train": adam, "freeze": optax.set_to_zero()}, labels)
     batch_stats = variables.get("batch_stats", {})
-    frozen_bn = partition.frozen_bn_patterns(variables["params"], batch_stats, rules)
+    frozen_bn = frozen_bn_patterns(variables["params"], batch_stats, partition.is_frozen(rules))
     if frozen_bn:  # the same forward pass as jft's head-only step
         model = model.clone(frozen_bn=tuple(model.frozen_bn) + frozen_bn)
     state = {

@@ -37,7 +37,7 @@ __all__ = [
     "Rules",
     "Stages",
     "carry_over",
-    "frozen_bn_patterns",
+    "is_frozen",
     "labels",
     "merge",
     "optimizer",
@@ -235,31 +235,33 @@ def merge(trainable: Params, frozen: Params) -> dict[str, Any]:
     return out
 
 
-# --------------------------------------------------------------------------- optimizer
+def is_frozen(rules: Rules) -> Callable[[str], bool]:
+    """Whether ``rules`` freeze a parameter: ``path -> bool`` for ``/``-joined paths.
 
+    A path is frozen when the first rule that fully matches it pairs its regex
+    with ``None``; a path no rule matches is not (:func:`labels` refuses it).
+    Unlike :func:`labels` it needs no parameter tree, so it also answers for paths
+    a tree does not hold (:func:`jft.models.frozen_bn.frozen_bn_patterns` asks
+    about a BatchNorm layer's would-be ``scale``).
 
-def frozen_bn_patterns(params: Params, batch_stats: Params, rules: Rules) -> tuple[str, ...]:
-    """The module paths of the BatchNorm layers that ``rules`` freeze, as exact regexes.
+    Raises:
+      PartitionError: a bad rule.
 
-    A BatchNorm layer (a module holding ``batch_stats``) is frozen when all its
-    parameters (scale and bias) are; one without parameters is frozen when the
-    rules would freeze a ``scale`` in it. The result is what a model's
-    ``frozen_bn`` attribute takes.
+    >>> import optax
+    >>> frozen = is_frozen([("backbone/.*", None), (".*", optax.sgd(0.1))])
+    >>> frozen("backbone/conv/kernel"), frozen("head/kernel")
+    (True, False)
     """
     compiled = _compile(rules)
-    flat_params = _flatten(params)
-    modules = sorted({p.rsplit("/", 1)[0] for p in _flatten(batch_stats)})
 
     def frozen(path: str) -> bool:
         i = _first_match(compiled, path)
         return i is not None and compiled[i][1] is None
 
-    out = []
-    for module in modules:
-        own = [p for p in flat_params if p.rsplit("/", 1)[0] == module]
-        if all(frozen(p) for p in own or [f"{module}/scale"]):
-            out.append(re.escape(module))
-    return tuple(out)
+    return frozen
+
+
+# --------------------------------------------------------------------------- optimizer
 
 
 class PartitionState(NamedTuple):
@@ -292,7 +294,7 @@ def optimizer(rules: Rules) -> optax.GradientTransformation:
       PartitionError: at ``init``/``update``, a leaf that matches no rule, or a bad
         rule.
 
-    >>> import jax.numpy as jnp, optax
+    >>> import jax, jax.numpy as jnp, optax
     >>> rules = [("backbone/.*", None), ("head/.*", optax.adam(1e-3))]
     >>> params = {"backbone": {"w": jnp.ones(1000)}, "head": {"w": jnp.ones(10)}}
     >>> state = optimizer(rules).init(params)

@@ -15,6 +15,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 import jft
 import jft.weights
 from jft import layerwise, partition, train
+from jft.models.frozen_bn import frozen_bn_patterns
 from jft.models.resnet import resnet, resnet18
 from tests.helpers import flops, key, nbytes, xent
 
@@ -238,9 +239,8 @@ def test_frozen_bn_needs_the_model_attribute():
     model, batch = PlainBN(), image_batch(2, 8, 3)
     variables = init(model, batch)
     rules = [("head/.*", optax.sgd(0.1)), (".*", None)]
-    assert partition.frozen_bn_patterns(variables["params"], variables["batch_stats"], rules) == (
-        "bn",
-    )
+    frozen = partition.is_frozen(rules)
+    assert frozen_bn_patterns(variables["params"], variables["batch_stats"], frozen) == ("bn",)
     state = train.create_train_state(variables, rules)
     with pytest.raises(ValueError, match="no frozen_bn attribute.*freeze_bn=False"):
         train.make_train_step(model, rules, xent)(state, batch)

@@ -13,6 +13,7 @@ running statistics (see CONTRIBUTING.md for all conventions).
 from jft.models import cnn, generate, gpt2, layers, llama, mlp, resnet, vgg  # noqa: F401  (registers the models)
 from jft.models.bert import Bert, BertOutput
 from jft.models.cnn import CNN
+from jft.models.frozen_bn import frozen_bn_patterns
 from jft.models.gpt2 import GPT2
 from jft.models.layers import compiler_options
 from jft.models.llama import Llama
@@ -34,6 +35,7 @@ __all__ = [
     "VGGFlattenHead",
     "ViT",
     "compiler_options",
+    "frozen_bn_patterns",
     "generate",
     "get",
     "names",

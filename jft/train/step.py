@@ -31,6 +31,7 @@ import optax
 from jax.sharding import Mesh
 
 from jft import ops, optim, partition
+from jft.models.frozen_bn import frozen_bn_patterns
 from jft.train import parallel as parallel_lib
 from jft.train._jit import OptionsJit
 from jft.train.inputs import model_args
@@ -459,7 +460,7 @@ def _value_and_grad(loss_of, trainable):
 
 
 def _with_frozen_bn(model: nn.Module, state: TrainState, rules: partition.Rules) -> nn.Module:
-    patterns = partition.frozen_bn_patterns(state.params, state.batch_stats, rules)
+    patterns = frozen_bn_patterns(state.params, state.batch_stats, partition.is_frozen(rules))
     if not patterns:
         return model
     if not hasattr(model, "frozen_bn"):
