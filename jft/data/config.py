@@ -39,6 +39,9 @@ def default_config() -> ml_collections.ConfigDict:
         ``path``, see `jft.data.sft`): the model folder whose tokenizer (and chat
         template) encode it, a template string or ``.jinja`` file replacing the folder's,
         the tokens per row, and whether several examples share a row.
+      corpus, max_rows: ``name="corpus"``: a text corpus that Python ships as byte rows
+        of ``max_length`` tokens (``"stdlib"``, ``"pydoc_topics"``; `jft.data.corpora`),
+        and ``None`` or the number of rows to keep.
     """
     cfg = ml_collections.ConfigDict()
     cfg.name = "digits"
@@ -59,6 +62,8 @@ def default_config() -> ml_collections.ConfigDict:
     cfg.chat_template = ml_collections.config_dict.placeholder(str)
     cfg.max_length = 512
     cfg.packing = False
+    cfg.corpus = ml_collections.config_dict.placeholder(str)
+    cfg.max_rows = ml_collections.config_dict.placeholder(int)
     return cfg
 
 

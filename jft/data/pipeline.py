@@ -20,8 +20,8 @@ import grain
 import numpy as np
 
 from jft.data import config as config_lib
+from jft.data import corpora, sft, sources
 from jft.data import preprocess as preprocess_lib
-from jft.data import sft, sources
 from jft.data.errors import DataError
 
 __all__ = ["DataInfo", "Pipeline", "get", "info"]
@@ -100,9 +100,14 @@ class _Split:
         return preprocess_lib.apply(ops, self.columns(rows), ctx)
 
 
-def _open(cfg: dict[str, Any], split: str) -> _Split | sft.SftSplit:
+# Data sets of token rows for a causal LM (no classes): name -> open_split(cfg, split).
+_TOKEN_ROWS = {sft.NAME: sft.open_split, corpora.NAME: corpora.open_split}
+
+
+def _open(cfg: dict[str, Any], split: str) -> _Split | sft.SftSplit | corpora.CorpusSplit:
     """A split of ``config.data``: ``indices``, ``dataset`` and ``batch(ops, rows, ctx)``."""
-    return sft.open_split(cfg, split) if cfg["name"] == sft.NAME else _Split(cfg, split)
+    opener = _TOKEN_ROWS.get(cfg["name"])
+    return opener(cfg, split) if opener else _Split(cfg, split)
 
 
 class _BatchMaker:
@@ -292,8 +297,8 @@ def get(
 def info(cfg: Any) -> DataInfo:
     """Returns `DataInfo` of ``config.data`` (preparing a local data set if needed)."""
     cfg = config_lib.resolve(cfg)
-    if cfg["name"] == sft.NAME:  # token rows for a causal LM: no classes
-        splits = {s: sft.open_split(cfg, s) for s in (cfg["train_split"], cfg["eval_split"])}
+    if cfg["name"] in _TOKEN_ROWS:  # token rows for a causal LM: no classes
+        splits = {s: _open(cfg, s) for s in (cfg["train_split"], cfg["eval_split"])}
         first = splits[cfg["train_split"]]
         rows = {s: len(x.indices) for s, x in splits.items()}
         return DataInfo(first.dataset.name, 0, rows, first.features)
