@@ -174,7 +174,8 @@ def test_catalog_name_offline_fails_fast(tmp_path):
         t = time.perf_counter()
         with pytest.raises(jft.data.DataError, match="not prepared") as e:
             get({"name": name, "data_dir": str(tmp_path)})
-        assert time.perf_counter() - t < 5
+        # The fault was 205 s of retries; the bound leaves a loaded machine its pace.
+        assert time.perf_counter() - t < 60
         assert "download=True" in str(e.value) and "\n" not in str(e.value)
     with pytest.raises(jft.data.DataError, match="unknown data set"):
         get({"name": "no_such_data_set", "data_dir": str(tmp_path)})
