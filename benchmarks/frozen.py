@@ -32,13 +32,10 @@ from __future__ import annotations
 
 import argparse
 import importlib.resources
-import json
 import os
-import resource
-import statistics
-import subprocess
-import sys
-import time
+
+from _harness import mib as _mib
+from _harness import run_rows, subprocess_env, time_step, worker_main
 
 MODELS = ("resnet18", "minilm")
 VARIANTS = ("full", "jft_head", "optax_head", "optax_head_loss")
@@ -181,19 +178,7 @@ def worker(name: str, variant: str, steps: int, quick: bool) -> dict:
         opt_state = lambda s: s.opt_state
     del variables
 
-    t0 = time.perf_counter()
-    step = step.lower(state, batch).compile()
-    compile_s = time.perf_counter() - t0
-    cost = step.cost_analysis()
-    cost = cost[0] if isinstance(cost, list | tuple) else cost  # a list in older JAX
-    state, metrics = step(state, batch)  # warm-up
-    jax.block_until_ready(metrics)
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        state, metrics = step(state, batch)
-        jax.block_until_ready((state, metrics))
-        times.append(time.perf_counter() - t0)
+    state, metrics, timing = time_step(step, state, batch, steps)
     params = state["params"] if isinstance(state, dict) else state.params
     head = params["head"]
     leaves = lambda tree: jax.tree.leaves(tree)
@@ -202,24 +187,15 @@ def worker(name: str, variant: str, steps: int, quick: bool) -> dict:
         "variant": variant,
         "weights": weights,
         "batch": {k: list(v.shape) for k, v in batch.items()},
-        # The fastest step: the least disturbed by other processes on the machine.
-        "step_s": min(times),
-        "median_step_s": statistics.median(times),
-        "compile_s": compile_s,
-        "flops": cost.get("flops", float("nan")),
+        **timing,
         "opt_state_bytes": sum(x.nbytes for x in leaves(opt_state(state))),
         "head_adam_bytes": 2 * sum(x.nbytes for x in leaves(head)),
         "param_bytes": sum(x.nbytes for x in leaves(params)),
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "loss": float(metrics["loss"]),
     }
 
 
 # ----------------------------------------------------------------------------- driver
-
-
-def _mib(n: float) -> str:
-    return f"{n / 2**20:,.1f} MiB"
 
 
 def _kib(n: float) -> str:
@@ -270,32 +246,11 @@ def main() -> None:
     parser.add_argument("--worker", nargs=2, metavar=("MODEL", "VARIANT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     steps = args.steps or (2 if args.quick else 5)
-    if args.worker:
-        print("RESULT " + json.dumps(worker(*args.worker, steps, args.quick)), flush=True)
+    if worker_main(args, worker, steps):
         return
 
-    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
-    rows = {}
-    for name in args.models.split(","):
-        for variant in VARIANTS:
-            cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, variant]
-            cmd += ["--steps", str(steps)] + (["--quick"] if args.quick else [])
-            t0 = time.perf_counter()
-            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
-            result = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-            if proc.returncode or not result:
-                sys.exit(f"{name} {variant} failed:\n{proc.stdout}\n{proc.stderr}")
-            rows[(name, variant)] = json.loads(result[-1][len("RESULT ") :])
-            r = rows[(name, variant)]
-            print(
-                f"  {name} {variant}: {r['step_s'] * 1e3:.0f} ms/step (median "
-                f"{r['median_step_s'] * 1e3:.0f}), compile {r['compile_s']:.1f} s, "
-                f"subprocess {time.perf_counter() - t0:.0f} s",
-                file=sys.stderr,
-                flush=True,
-            )
+    env = subprocess_env(force_cpu=True)
+    rows = run_rows(__file__, args.models.split(","), VARIANTS, steps, args.quick, env)
     print(
         f"\nTrain-step cost of freezing, CPU ({os.cpu_count()} cores): the fastest of {steps} "
         "steps after a warm-up; GFLOP from XLA's cost analysis of the compiled step\n"

@@ -25,13 +25,10 @@ below full.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import resource
-import statistics
-import subprocess
-import sys
-import time
+
+from _harness import mib as _mib
+from _harness import run_rows, subprocess_env, time_step, worker_main
 
 MODELS = ("minilm", "vit_b16")
 VARIANTS = ("full", "head", "lora", "dora")
@@ -94,39 +91,19 @@ def worker(name: str, variant: str, steps: int, quick: bool) -> dict:
     del variables
     step = train.make_train_step(model, rules, loss_fn)
 
-    t0 = time.perf_counter()
-    step = step.lower(state, batch).compile()
-    compile_s = time.perf_counter() - t0
-    cost = step.cost_analysis()
-    cost = cost[0] if isinstance(cost, list | tuple) else cost  # a list in older JAX
-    state, metrics = step(state, batch)  # warm-up
-    jax.block_until_ready(metrics)
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        state, metrics = step(state, batch)
-        jax.block_until_ready((state, metrics))
-        times.append(time.perf_counter() - t0)
+    state, metrics, timing = time_step(step, state, batch, steps)
     size = lambda tree: sum(x.size for x in jax.tree.leaves(tree))
     nbytes = lambda tree: sum(x.nbytes for x in jax.tree.leaves(tree))
     return {
         "model": name,
         "variant": variant,
         "batch": {k: list(v.shape) for k, v in batch.items()},
-        "step_s": min(times),  # the fastest: the least disturbed by other processes
-        "median_step_s": statistics.median(times),
-        "compile_s": compile_s,
-        "flops": cost.get("flops", float("nan")),
+        **timing,
         "trainable": size(state.trainable),
         "params": size(state.trainable) + size(state.frozen),
         "opt_state_bytes": nbytes(state.opt_state),
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "loss": float(metrics["loss"]),
     }
-
-
-def _mib(n: float) -> str:
-    return f"{n / 2**20:,.1f} MiB"
 
 
 def _table(rows: dict[tuple[str, str], dict]) -> str:
@@ -177,32 +154,11 @@ def main() -> None:
     parser.add_argument("--worker", nargs=2, metavar=("MODEL", "VARIANT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     steps = args.steps or (2 if args.quick else 3)
-    if args.worker:
-        print("RESULT " + json.dumps(worker(*args.worker, steps, args.quick)), flush=True)
+    if worker_main(args, worker, steps):
         return
 
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    env.setdefault("JAX_PLATFORMS", "cpu")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
-    rows = {}
-    for name in args.models.split(","):
-        for variant in VARIANTS:
-            cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, variant]
-            cmd += ["--steps", str(steps)] + (["--quick"] if args.quick else [])
-            t0 = time.perf_counter()
-            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
-            result = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-            if proc.returncode or not result:
-                sys.exit(f"{name} {variant} failed:\n{proc.stdout}\n{proc.stderr}")
-            rows[(name, variant)] = r = json.loads(result[-1][len("RESULT ") :])
-            print(
-                f"  {name} {variant}: {r['step_s'] * 1e3:.0f} ms/step (median "
-                f"{r['median_step_s'] * 1e3:.0f}), compile {r['compile_s']:.1f} s, "
-                f"subprocess {time.perf_counter() - t0:.0f} s",
-                file=sys.stderr,
-                flush=True,
-            )
+    env = subprocess_env(force_cpu=False)
+    rows = run_rows(__file__, args.models.split(","), VARIANTS, steps, args.quick, env)
     print(
         f"\nLoRA train-step cost, {env['JAX_PLATFORMS']} ({os.cpu_count()} cores): "
         f"the fastest of {steps} steps after a warm-up; GFLOP from XLA's cost analysis; "

@@ -19,18 +19,7 @@ __version__ = "0.1.0"
 
 _SUBPACKAGES = ("data", "models", "ops", "optim", "partition", "peft", "train", "weights")
 
-__all__ = [
-    "__version__",
-    "data",
-    "errors",
-    "models",
-    "ops",
-    "optim",
-    "partition",
-    "peft",
-    "train",
-    "weights",
-]
+__all__ = ["__version__", "errors", *_SUBPACKAGES]
 
 
 def __getattr__(name: str):

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import tokenizers
 
+from jft._json import read_object
 from jft.data.errors import DataError
 
 __all__ = ["ChatTokenizer", "load"]
@@ -37,17 +38,6 @@ def _token_text(value: Any) -> str | None:
     if isinstance(value, Mapping):
         value = value.get("content")
     return value if isinstance(value, str) else None
-
-
-def _read_json(path: str) -> dict[str, Any]:
-    try:
-        with open(path) as f:
-            out = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise DataError(f"{path}: not readable JSON ({' '.join(str(e).split())})") from None
-    if not isinstance(out, dict):
-        raise DataError(f"{path}: not a JSON object")
-    return out
 
 
 @functools.cache
@@ -204,7 +194,7 @@ def load(path: str, chat_template: str | None = None) -> ChatTokenizer:
     except Exception as e:  # tokenizers raises plain Exceptions
         raise DataError(f"{file}: not a tokenizers file ({str(e).splitlines()[0]})") from None
     config_path = os.path.join(folder, "tokenizer_config.json")
-    config = _read_json(config_path) if os.path.isfile(config_path) else {}
+    config = read_object(config_path, DataError) if os.path.isfile(config_path) else {}
     special = {k: t for k in _SPECIAL if (t := _token_text(config.get(k))) is not None}
     template = config.get("chat_template")
     jinja_file = os.path.join(folder, "chat_template.jinja")

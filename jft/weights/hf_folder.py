@@ -19,6 +19,7 @@ from typing import Any
 import flax.linen as nn
 import numpy as np
 
+from jft._json import read_object
 from jft.weights import hf_decoder
 from jft.weights.readers import read
 from jft.weights.restore import WeightsError
@@ -96,17 +97,6 @@ CARRIED = (
 )
 
 
-def _read_json(path: str) -> dict[str, Any]:
-    try:
-        with open(path) as f:
-            out = json.load(f)
-    except (OSError, ValueError) as e:
-        raise WeightsError(f"{path}: not readable JSON ({' '.join(str(e).split())})") from None
-    if not isinstance(out, dict):
-        raise WeightsError(f"{path}: not a JSON object")
-    return out
-
-
 def hf_config(
     arch: str,
     mapped: Mapping[str, np.ndarray],
@@ -116,7 +106,11 @@ def hf_config(
 ) -> dict[str, Any]:
     """``config.json`` for the export: ``like``'s, updated from ``model`` and the head."""
     config_path = os.path.join(like, "config.json") if like else None
-    config = _read_json(config_path) if config_path and os.path.exists(config_path) else {}
+    config = (
+        read_object(config_path, WeightsError)
+        if config_path and os.path.exists(config_path)
+        else {}
+    )
     if arch in ("gpt2", "llama"):
         return hf_decoder.decoder_config(arch, model, config, config_path)
     if config.get("model_type", arch) != arch:

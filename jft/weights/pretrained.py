@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -15,6 +14,7 @@ from flax import traverse_util
 from flax.core import unfreeze
 from jax.sharding import Mesh
 
+from jft._json import read_object
 from jft.weights._decoders import DECODER_BUILDERS
 from jft.weights.hf_folder import HF_FIELDS
 from jft.weights.readers import folder_file, read
@@ -179,14 +179,7 @@ def _read_config(folder: str) -> dict[str, Any]:
             f"{path}: no such file; from_pretrained needs a Hugging Face model folder "
             "with config.json"
         )
-    try:
-        with open(path) as f:
-            config = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise WeightsError(f"{path}: not readable JSON ({' '.join(str(e).split())})") from None
-    if not isinstance(config, dict):
-        raise WeightsError(f"{path}: not a JSON object")
-    return config
+    return read_object(path, WeightsError)
 
 
 def _pick(config: Mapping[str, Any], names: Mapping[str, str]) -> dict[str, Any]:
@@ -221,11 +214,7 @@ def _bert_pooling(config: Mapping[str, Any], folder: str) -> str:
     path = folder_file(folder, os.path.join("1_Pooling", "config.json"))
     if not os.path.exists(path):
         return "mean"
-    try:
-        with open(path) as f:
-            pooling = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise WeightsError(f"{path}: not readable JSON ({' '.join(str(e).split())})") from None
+    pooling = read_object(path, WeightsError)
     modes = [k for k, v in pooling.items() if k.startswith("pooling_mode_") and v]
     known = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls"}
     if len(modes) != 1 or modes[0] not in known:
