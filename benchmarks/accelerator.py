@@ -110,21 +110,19 @@ def text_inputs(batch):
 
 def build(model, batch, inputs, rules, mode="jit", compute_dtype=None, mesh=None):
     """A placed state, a step and a placed batch for ``model``."""
-    if mode == "jit" and mesh is None:
-        mesh = parallel.make_mesh()
+    par = parallel.Parallel(mode, mesh)
     args, kwargs = train.inputs.model_args(inputs, {k: v[:2] for k, v in batch.items()})
     variables = jax.jit(model.init)(jax.random.key(0), *args, **kwargs)
-    state = parallel.place_state(train.create_train_state(variables, rules), mode, mesh)
+    state = par.place_state(train.create_train_state(variables, rules))
     step = train.make_train_step(
         model,
         rules,
         losses.get("softmax_xent"),
         inputs=inputs,
-        parallel=mode,
-        mesh=mesh,
+        parallel=par,
         compute_dtype=compute_dtype,
     )
-    return state, step, parallel.shard_batch(batch, mode, mesh)
+    return state, step, par.shard_batch(batch)
 
 
 def count_ops(hlo: str) -> dict[str, int]:
@@ -168,9 +166,8 @@ def layouts_table() -> None:
     results = {}
     for mode in ("none", "jit", "pmap"):
         state, step, _ = build(model, data[0], "image", rules, mode=mode)
-        mesh = parallel.make_mesh() if mode == "jit" else None
         for batch in data:
-            state, _ = step(state, parallel.shard_batch(batch, mode, mesh))
+            state, _ = step(state, parallel.shard_batch(batch, mode))
         results[mode] = jax.tree.map(np.asarray, parallel.host_state(state, mode))
     want = jax.tree.leaves((results["none"].params, results["none"].batch_stats))
     print(f"\n2. layouts: small CNN, 10 SGD steps, {jax.device_count()} device(s)")

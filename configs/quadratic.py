@@ -17,7 +17,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """The quadratic study; ``arg`` is unused."""
     del arg
     c = ml_collections.ConfigDict()
-    c.program = "quadratic"
+    # The entry point that runs this study (its keys are its own, not a training run's).
+    c.program = "jft.train.quadratic:run_quadratic"
     c.seed = 0
     c.theta0 = -3.0
     c.target = 2.0

@@ -18,12 +18,10 @@ and either half is an ordinary pytree for optax, orbax and ``jax.jit``.
 
 from __future__ import annotations
 
-import bisect
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
-import jax
 import jax.numpy as jnp
 import optax
 
@@ -35,8 +33,6 @@ __all__ = [
     "PartitionState",
     "Rule",
     "Rules",
-    "Stages",
-    "carry_over",
     "is_frozen",
     "labels",
     "merge",
@@ -339,151 +335,3 @@ def optimizer(rules: Rules) -> optax.GradientTransformation:
         return new_updates, PartitionState(tuple(inner_states))
 
     return optax.GradientTransformation(init_fn, update_fn)
-
-
-# --------------------------------------------------------------------------- stages
-
-
-class Stages:
-    """Gradual unfreezing: the rules in force from each start step on.
-
-    ``Stages([(0, rules0), (1000, rules1), ...])``; a stage lasts until the next
-    one starts. The train step (:func:`jft.train.make_staged_train_step`)
-    compiles once per stage and, at a stage change, moves parameters between the
-    trainable and frozen halves with :func:`carry_over`: newly trainable
-    parameters get fresh optimizer state, already trainable ones keep theirs.
-
-    Raises:
-      PartitionError: no stages, a first stage that does not start at 0, start
-        steps that do not increase, or a bad rule.
-    """
-
-    def __init__(self, stages: Sequence[tuple[int, Rules]]):
-        if not stages:
-            raise PartitionError("Stages needs at least one (start_step, rules) stage")
-        starts = [int(start) for start, _ in stages]
-        if starts[0] != 0:
-            raise PartitionError(f"the first stage must start at step 0, not {starts[0]}")
-        if any(b <= a for a, b in zip(starts, starts[1:], strict=False)):
-            raise PartitionError(f"stage start steps must increase, got {starts}")
-        for _, rules in stages:
-            _compile(rules)
-        self.starts: tuple[int, ...] = tuple(starts)
-        self.rules: tuple[Rules, ...] = tuple(list(rules) for _, rules in stages)
-
-    @classmethod
-    def gradual(
-        cls,
-        groups: Sequence[str],
-        every: int,
-        make_optimizer: Callable[[int], optax.GradientTransformation]
-        | optax.GradientTransformation,
-    ) -> Stages:
-        """Unfreezes one more group of parameters every ``every`` steps.
-
-        Stage ``k`` (from step ``k * every``) trains ``groups[:k + 1]`` and freezes
-        the rest with a final ``(".*", None)`` rule, except when the last group is
-        ``".*"`` and already trains everything.
-
-        Args:
-          groups: regexes, top first (``["head/.*", "backbone/layer4_.*", ...]``).
-          every: steps per stage.
-          make_optimizer: one optimizer for all groups, or ``k -> optimizer`` for
-            group ``k`` (discriminative learning rates).
-        """
-
-        def tx(k: int) -> optax.GradientTransformation:
-            if isinstance(make_optimizer, optax.GradientTransformation):
-                return make_optimizer
-            return make_optimizer(k)
-
-        txs = [tx(k) for k in range(len(groups))]
-        stages = []
-        for k in range(len(groups)):
-            rules: list[Rule] = [(g, txs[j]) for j, g in enumerate(groups[: k + 1])]
-            if groups[k] != ".*":
-                rules.append((".*", None))
-            stages.append((k * every, rules))
-        return cls(stages)
-
-    def index(self, step: int) -> int:
-        """The index of the stage in force at ``step``."""
-        return bisect.bisect_right(self.starts, int(step)) - 1
-
-    def rules_at(self, step: int) -> Rules:
-        """The rules in force at ``step``."""
-        return self.rules[self.index(step)]
-
-    def __len__(self) -> int:
-        return len(self.starts)
-
-    def __repr__(self) -> str:
-        return f"Stages(starts={list(self.starts)})"
-
-
-def _param_suffix(key_path: tuple[Any, ...]) -> str:
-    keys = []
-    for k in reversed(key_path):
-        if not isinstance(k, jax.tree_util.DictKey):
-            break
-        keys.append(str(k.key))
-    return "/".join(reversed(keys))
-
-
-def carry_over(
-    old_rules: Rules, old_state: PartitionState, new_rules: Rules, new_trainable: Params
-) -> PartitionState:
-    """The :func:`optimizer` state for ``new_rules``, keeping what ``old_state`` knew.
-
-    A fresh state is built with ``optimizer(new_rules).init(new_trainable)``, then
-    each of its leaves is taken from ``old_state`` where the old state has a leaf
-    at the same place with the same shape and dtype:
-
-    * a rule with the same regex in both keeps its whole state (moments and
-      counters) for the parameters it claimed before;
-    * per-parameter leaves (Adam's moments) also follow a parameter that moves
-      to a rule with another regex;
-    * parameters that were frozen start from the optimizer's initial state.
-
-    Args:
-      old_rules: the rules ``old_state`` was built for.
-      old_state: the :class:`PartitionState` under ``old_rules``.
-      new_rules: the rules of the new stage.
-      new_trainable: the trainable half of ``split(params, new_rules)``.
-
-    Returns:
-      A :class:`PartitionState` for ``new_rules``.
-    """
-    new_state = optimizer(new_rules).init(new_trainable)
-    index = _rule_index(list(_flatten(new_trainable)), new_rules, check_dead=False)
-    old_by_regex = {regex: i for i, (regex, tx) in enumerate(old_rules) if tx is not None}
-    old_flat = [
-        None if s is None else dict(jax.tree_util.tree_flatten_with_path(s)[0])
-        for s in old_state.inner_states
-    ]
-
-    def fits(old: Any, new: Any) -> bool:
-        return getattr(old, "shape", None) == getattr(new, "shape", None) and getattr(
-            old, "dtype", None
-        ) == getattr(new, "dtype", None)
-
-    inner_states = []
-    for j, ((regex, tx), fresh) in enumerate(zip(new_rules, new_state.inner_states, strict=True)):
-        if tx is None:
-            inner_states.append(None)
-            continue
-        same = old_flat[old_by_regex[regex]] if regex in old_by_regex else None
-        leaves, treedef = jax.tree_util.tree_flatten_with_path(fresh)
-        out = []
-        for key_path, new in leaves:
-            chosen = new
-            if same is not None and key_path in same and fits(same[key_path], new):
-                chosen = same[key_path]
-            elif index.get(_param_suffix(key_path)) == j:
-                for flat in old_flat:
-                    if flat is not None and key_path in flat and fits(flat[key_path], new):
-                        chosen = flat[key_path]
-                        break
-            out.append(chosen)
-        inner_states.append(jax.tree_util.tree_unflatten(treedef, out))
-    return PartitionState(tuple(inner_states))

@@ -77,9 +77,10 @@ def run(
     variables = jax.tree.map(np.asarray, variables)
     rules = [(".*", optax.sgd(LR))]
     loss = train.losses.get("softmax_xent")
-    state = par.place_state(train.create_train_state(variables, rules), parallel, mesh)
+    mode = par.Parallel(parallel, mesh)
+    state = mode.place_state(train.create_train_state(variables, rules))
     step = train.make_train_step(
-        model, rules, loss, parallel=parallel, mesh=mesh, grad_accum_steps=grad_accum_steps
+        model, rules, loss, parallel=mode, grad_accum_steps=grad_accum_steps
     )
 
     def local(batch):
@@ -87,10 +88,10 @@ def run(
         return {k: v[process_index * rows : (process_index + 1) * rows] for k, v in batch.items()}
 
     for batch in global_batches() if batches is None else batches:
-        state, _ = step(state, par.shard_batch(local(batch), parallel, mesh))
-    eval_step = metrics.make_eval_step(model, num_classes=10, parallel=parallel, mesh=mesh)
-    sums = eval_step(state, par.shard_batch(local(eval_batch()), parallel, mesh))
-    return par.host_state(state, parallel), sums
+        state, _ = step(state, mode.shard_batch(local(batch)))
+    eval_step = metrics.make_eval_step(model, num_classes=10, parallel=mode)
+    sums = eval_step(state, mode.shard_batch(local(eval_batch())))
+    return mode.host_state(state), sums
 
 
 def _numpy(x):

@@ -282,7 +282,7 @@ def _targets(state):
         "mesh_replicated": jax.tree.map(
             lambda x: jax.device_put(x, NamedSharding(mesh, PartitionSpec())), state
         ),
-        "mesh_jit": parallel.place_state(state, "jit", mesh),
+        "mesh_jit": parallel.Parallel("jit", mesh).place_state(state),
         "mesh_fsdp": jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=_fsdp(x, mesh)), state
         ),

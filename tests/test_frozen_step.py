@@ -148,34 +148,6 @@ def test_step_compiles_once_donates_and_reports_metrics():
     assert float(metrics["lr"]) == 1.0
 
 
-def test_staged_unfreezing_compiles_once_per_stage():
-    model = tiny_resnet()
-    batch = image_batch(4, 16, 3)
-    traces = []
-
-    def loss(logits, b):
-        traces.append(1)  # runs once per trace, i.e. per compilation
-        return xent(logits, b)
-
-    stages = partition.Stages.gradual(
-        ["head/.*", "backbone/layer2_.*", ".*"], every=2, make_optimizer=jft.optim.adam(1e-2)
-    )
-    variables = init(model, batch)
-    before = copy(variables)
-    state = train.create_train_state(variables, stages.rules_at(0))
-    step = train.make_staged_train_step(model, stages, loss)
-    for t in range(6):
-        state, _ = step(state, batch)
-        if t == 1:  # end of stage 0: only the head has moved
-            for path, value in flat(state.params).items():
-                same = np.array_equal(value, flat(before["params"])[path])
-                assert same != path.startswith("head/"), path
-    assert len(traces) == 3 and sorted(step.steps) == [0, 1, 2]
-    counts = [int(s[0].count) for s in state.opt_state.inner_states]
-    assert counts == [6, 4, 2]  # head trained all along, layer2 from step 2, the rest from 4
-    assert flat(state.frozen) == {}
-
-
 @pytest.mark.devices(8)
 def test_sharded_batch_matches_one_device():
     model = tiny_resnet()

@@ -135,3 +135,30 @@ def test_metric_writer_truncates_to_the_resume_point(tmp_path):
         {"step": 3, "train/loss": 3.0},
         {"step": 4, "train/loss": 40.0},
     ]
+
+
+def test_evaluate_rebuilds_the_run_and_reproduces_its_final_eval(run):
+    # jft eval builds through the same Experiment as the run: same model, inputs,
+    # loss and data, so the checkpoint's metrics are the run's own final ones.
+    workdir, result = run
+    ev = jft.train.evaluate(workdir)
+    assert ev["step"] == 40
+    assert ev["accuracy"] == pytest.approx(result["eval/accuracy"])
+    assert ev["loss"] == pytest.approx(result["eval/loss"], rel=1e-5)
+    np.testing.assert_array_equal(ev["confusion_matrix"], result["confusion_matrix"])
+
+
+@pytest.mark.parametrize(
+    ("program", "needle"),
+    [
+        ("quadratic", "give 'module:function'"),
+        ("jft.train.quadratic:nothing", "does not import"),
+        ("jft.nonexistent:run", "does not import"),
+        ("jft.train.quadratic:json", "not a function"),
+    ],
+)
+def test_a_program_entry_point_must_name_a_function(program, needle, tmp_path):
+    workdir = tmp_path / "never"
+    with pytest.raises(jft.train.ConfigError, match=needle):
+        jft.train.train_and_evaluate({"program": program}, workdir)
+    assert not workdir.exists()

@@ -60,9 +60,9 @@ def test_eval_metrics_on_a_padded_batch_equal_sklearn(mode):
     x = rng.normal(size=(48, 8, 8, 1)).astype(np.float32)
     variables = jax.jit(model.init)(jax.random.key(0), x[:2])
     state = train.create_train_state(variables, [(".*", optax.sgd(0.1))])
-    mesh = parallel.make_mesh() if mode == "jit" else None
-    state = parallel.place_state(state, mode, mesh)
-    step = metrics.make_eval_step(model, num_classes=7, parallel=mode, mesh=mesh, top_k=(1, 3))
+    par = parallel.Parallel(mode)
+    state = par.place_state(state)
+    step = metrics.make_eval_step(model, num_classes=7, parallel=par, top_k=(1, 3))
     labels = rng.integers(0, 7, 48).astype(np.int32)
     valid = 40  # two batches of 24; the second one's last 8 rows are padding
     mask = np.arange(48) < valid
@@ -71,7 +71,7 @@ def test_eval_metrics_on_a_padded_batch_equal_sklearn(mode):
         batch = {"image": x[rows], "label": labels[rows], "mask": mask[rows]}
         if rows.start:
             batch["label"] = np.where(batch["mask"], batch["label"], 99)  # garbage in padding
-        total = metrics.accumulate(total, step(state, parallel.shard_batch(batch, mode, mesh)))
+        total = metrics.accumulate(total, step(state, par.shard_batch(batch)))
     got = metrics.finalize(total)
 
     logits = np.asarray(model.apply(variables, x[:valid]))

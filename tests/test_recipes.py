@@ -169,7 +169,7 @@ def _flat(tree) -> dict[str, np.ndarray]:
 def test_recipe_parses_and_builds(path, data_dir):
     config = get_config(path)
     assert isinstance(config, ml_collections.ConfigDict)
-    if config.get("program") == "quadratic":
+    if config.get("program") == "jft.train.quadratic:run_quadratic":
         for rule, kwargs in config.rules.items():
             assert callable(getattr(jft.optim, rule)), rule
             assert "lr" in kwargs, rule

@@ -1,5 +1,6 @@
 """jft.train engine: parallel modes agree, gradient accumulation, non-finite guard, bf16."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -69,15 +70,12 @@ LAYOUT_RULES = [(".*", optax.sgd(0.1))]
 
 def train_run(model, mode, data, *, rules=None, fsdp=False, **kwargs):
     rules = rules or LAYOUT_RULES
-    state = train.create_train_state(init(model), rules)
-    mesh = parallel.make_mesh() if mode == "jit" else None
-    state = parallel.place_state(state, mode, mesh, fsdp=fsdp)
-    step = train.make_train_step(
-        model, rules, losses.get("softmax_xent"), parallel=mode, mesh=mesh, fsdp=fsdp, **kwargs
-    )
+    par = parallel.Parallel(mode, fsdp=fsdp)
+    state = par.place_state(train.create_train_state(init(model), rules))
+    step = train.make_train_step(model, rules, losses.get("softmax_xent"), parallel=par, **kwargs)
     for batch in data:
-        state, metrics = step(state, parallel.shard_batch(batch, mode, mesh))
-    return parallel.host_state(state, mode), metrics
+        state, metrics = step(state, par.shard_batch(batch))
+    return par.host_state(state), metrics
 
 
 def test_modes_agree_after_20_steps_with_batchnorm():
@@ -106,18 +104,14 @@ def test_fsdp_shards_params_and_optimizer_state_and_agrees(monkeypatch):
     # rounding moves a parameter by ~1e-8), see LAYOUT_RULES.
     rules = [(".*", optax.adam(1e-2, eps=1e-3))]
     want, _ = train_run(cnn(), "none", data, rules=rules)
-    mesh = parallel.make_mesh()
-    state = parallel.place_state(
-        train.create_train_state(init(cnn()), rules), "jit", mesh, fsdp=True
-    )
+    par = parallel.Parallel("jit", fsdp=True)
+    state = par.place_state(train.create_train_state(init(cnn()), rules))
     kernel = state.trainable["backbone"]["conv2"]["kernel"]  # (3, 3, 8, 16)
     assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, None, None, "data")
     assert kernel.addressable_shards[0].data.shape == (3, 3, 8, 2)
-    step = train.make_train_step(
-        cnn(), rules, losses.get("softmax_xent"), parallel="jit", mesh=mesh, fsdp=True
-    )
+    step = train.make_train_step(cnn(), rules, losses.get("softmax_xent"), parallel=par)
     for batch in data:
-        state, _ = step(state, parallel.shard_batch(batch, "jit", mesh))
+        state, _ = step(state, par.shard_batch(batch))
     kernel = state.trainable["backbone"]["conv2"]["kernel"]
     assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, None, None, "data")
     moments = [x for x in jax.tree.leaves(state.opt_state) if x.shape == kernel.shape]
@@ -162,32 +156,32 @@ def test_accumulation_threads_batchnorm_stats_and_agrees_across_modes():
 def test_nonfinite_steps_are_skipped_and_counted(mode):
     model = cnn()
     rules = [(".*", optax.adam(1e-2))]
-    mesh = parallel.make_mesh() if mode == "jit" else None
-    state = parallel.place_state(train.create_train_state(init(model), rules), mode, mesh)
+    par = parallel.Parallel(mode)
+    state = par.place_state(train.create_train_state(init(model), rules))
     step = train.make_train_step(
-        model, rules, losses.get("softmax_xent"), parallel=mode, mesh=mesh, donate=False
+        model, rules, losses.get("softmax_xent"), parallel=par, donate=False
     )
     (good,) = batches(1)
     bad = {**good, "image": good["image"].copy()}
     bad["image"][3, 2, 2, 0] = np.nan
-    state, m = step(state, parallel.shard_batch(good, mode, mesh))
+    state, m = step(state, par.shard_batch(good))
     assert int(m["nonfinite"]) == 0
-    before = jax.tree.map(np.asarray, parallel.host_state(state, mode))
+    before = jax.tree.map(np.asarray, par.host_state(state))
     for i in (1, 2, 3):
-        state, m = step(state, parallel.shard_batch(bad, mode, mesh))
+        state, m = step(state, par.shard_batch(bad))
         assert int(m["nonfinite"]) == i
-        host = parallel.host_state(state, mode)
+        host = par.host_state(state)
         assert int(host.nonfinite) == i and int(host.step) == 1 + i
-    host = jax.tree.map(np.asarray, parallel.host_state(state, mode))
+    host = jax.tree.map(np.asarray, par.host_state(state))
     assert max_diff(before.params, host.params) == 0.0
     assert max_diff(before.batch_stats, host.batch_stats) == 0.0
     for a, b in zip(
         jax.tree.leaves(before.opt_state), jax.tree.leaves(host.opt_state), strict=True
     ):
         np.testing.assert_array_equal(a, b)
-    state, m = step(state, parallel.shard_batch(good, mode, mesh))
+    state, m = step(state, par.shard_batch(good))
     assert int(m["nonfinite"]) == 0
-    assert max_diff(before.params, parallel.host_state(state, mode).params) > 0
+    assert max_diff(before.params, par.host_state(state).params) > 0
 
 
 def test_bf16_compute_keeps_float32_params_and_state():
@@ -225,12 +219,50 @@ def test_step_metrics():
     assert np.isclose(float(m["update_norm"]), 1e-2 * float(m["grad_norm"]), rtol=1e-5)
 
 
+def test_batchnorm_settings_reach_the_model_as_clone_attributes():
+    # One mechanism for both BatchNorm settings: the step clones the model with
+    # frozen_bn (frozen layers keep their statistics) and bn_axis_name (pmap's axis).
+    from jft.train import _batch_norm
+
+    model, v = cnn(), init(cnn())
+    rules = [("head/.*", optax.sgd(0.1)), (".*", None)]
+    got = _batch_norm.for_step(
+        model, v["params"], v["batch_stats"], rules, freeze_bn=True, axis_name="data"
+    )
+    assert got.frozen_bn == ("backbone/bn1", "backbone/bn2") and got.bn_axis_name == "data"
+    assert model.frozen_bn == () and model.bn_axis_name is None  # the caller's model is untouched
+    same = _batch_norm.for_step(model, v["params"], {}, rules, freeze_bn=True, axis_name="data")
+    assert same is model  # no BatchNorm: nothing to set
+
+    class PlainBN(nn.Module):  # BatchNorm, but no bn_axis_name to set
+        @nn.compact
+        def __call__(self, x, train=False):
+            x = nn.BatchNorm(use_running_average=not train)(nn.Dense(4)(x))
+            return nn.Dense(10)(x.reshape(x.shape[0], -1))
+
+    plain = PlainBN()
+    pv = init(plain)
+    with pytest.raises(ValueError, match="no bn_axis_name attribute.*parallel='jit'"):
+        _batch_norm.for_step(
+            plain, pv["params"], pv["batch_stats"], LAYOUT_RULES, freeze_bn=True, axis_name="data"
+        )
+    # Off pmap such a model trains as it is.
+    assert (
+        _batch_norm.for_step(
+            plain, pv["params"], pv["batch_stats"], LAYOUT_RULES, freeze_bn=True, axis_name=None
+        )
+        is plain
+    )
+
+
 def test_bad_arguments():
     model, rules, loss = mlp(), [(".*", optax.sgd(0.1))], losses.get("mse")
     with pytest.raises(ValueError, match="parallel"):
         train.make_train_step(model, rules, loss, parallel="ddp")
     with pytest.raises(ValueError, match="fsdp"):
-        train.make_train_step(model, rules, loss, parallel="pmap", fsdp=True)
+        train.make_train_step(model, rules, loss, parallel=parallel.Parallel("pmap", fsdp=True))
+    with pytest.raises(ValueError, match="mesh"):
+        parallel.Parallel("none", parallel.make_mesh())
     with pytest.raises(ValueError, match="grad_accum_steps"):
         train.make_train_step(model, rules, loss, grad_accum_steps=0)
     with pytest.raises(ValueError, match="divide"):

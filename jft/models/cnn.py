@@ -29,6 +29,7 @@ class CNNBackbone(nn.Module):
     widths: Sequence[int] = (32, 64, 128)
     dtype: Dtype = jnp.float32
     frozen_bn: tuple[str, ...] = ()
+    bn_axis_name: str | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False, features_only: bool = False) -> jax.Array:
@@ -47,7 +48,12 @@ class CNNBackbone(nn.Module):
                 conv_general_dilated=conv_general_dilated,
                 name=f"conv{i + 1}",
             )(x)
-            x = BatchNorm(dtype=self.dtype, frozen=self.frozen_bn, name=f"bn{i + 1}")(x, train)
+            x = BatchNorm(
+                dtype=self.dtype,
+                frozen=self.frozen_bn,
+                axis_name=self.bn_axis_name,
+                name=f"bn{i + 1}",
+            )(x, train)
             x = nn.relu(x)
         if features_only:
             return x
@@ -70,6 +76,8 @@ class CNN(nn.Module):
       dtype: compute dtype (parameters stay float32).
       frozen_bn: regexes over BatchNorm module paths that always use their
         running statistics (see :class:`jft.models.layers.BatchNorm`).
+      bn_axis_name: the axis over which BatchNorm averages its batch statistics
+        (``nn.BatchNorm.axis_name``); the pmap train step sets it.
     """
 
     widths: Sequence[int] = (32, 64, 128)
@@ -77,9 +85,12 @@ class CNN(nn.Module):
     dropout_rate: float = 0.1
     dtype: Dtype = jnp.float32
     frozen_bn: tuple[str, ...] = ()
+    bn_axis_name: str | None = None
 
     def setup(self) -> None:
-        self.backbone = CNNBackbone(tuple(self.widths), self.dtype, tuple(self.frozen_bn))
+        self.backbone = CNNBackbone(
+            tuple(self.widths), self.dtype, tuple(self.frozen_bn), self.bn_axis_name
+        )
         self.dropout = nn.Dropout(self.dropout_rate)
         if self.num_classes:
             self.head = nn.Dense(self.num_classes, dtype=self.dtype)

@@ -36,6 +36,7 @@ class ResNetBlock(nn.Module):
         (torchvision/timm "v1.5", HF's default).
       dtype: compute dtype.
       frozen_bn: see :class:`jft.models.layers.BatchNorm`.
+      bn_axis_name: see :class:`ResNet`.
     """
 
     features: int
@@ -44,6 +45,7 @@ class ResNetBlock(nn.Module):
     stride_in_1x1: bool = False
     dtype: Dtype = jnp.float32
     frozen_bn: tuple[str, ...] = ()
+    bn_axis_name: str | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -60,7 +62,9 @@ class ResNetBlock(nn.Module):
             )(y)
 
         def bn(y, name):
-            return BatchNorm(dtype=self.dtype, frozen=self.frozen_bn, name=name)(y, train)
+            return BatchNorm(
+                dtype=self.dtype, frozen=self.frozen_bn, axis_name=self.bn_axis_name, name=name
+            )(y, train)
 
         s = self.strides
         if self.block == "basic":
@@ -93,6 +97,7 @@ class ResNetBackbone(nn.Module):
     stride_in_1x1: bool = False
     dtype: Dtype = jnp.float32
     frozen_bn: tuple[str, ...] = ()
+    bn_axis_name: str | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -107,7 +112,9 @@ class ResNetBackbone(nn.Module):
             conv_general_dilated=conv_general_dilated,
             name="conv1",
         )(x)
-        x = BatchNorm(dtype=self.dtype, frozen=self.frozen_bn, name="bn1")(x, train)
+        x = BatchNorm(
+            dtype=self.dtype, frozen=self.frozen_bn, axis_name=self.bn_axis_name, name="bn1"
+        )(x, train)
         x = nn.relu(x)
         x = max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
         for i, (n, width) in enumerate(zip(self.stage_sizes, self.widths, strict=True)):
@@ -120,6 +127,7 @@ class ResNetBackbone(nn.Module):
                     self.stride_in_1x1,
                     self.dtype,
                     self.frozen_bn,
+                    self.bn_axis_name,
                     name=f"layer{i + 1}_{j}",
                 )(x, train)
         return x
@@ -146,6 +154,8 @@ class ResNet(nn.Module):
       dtype: compute dtype (parameters stay float32).
       frozen_bn: regexes over BatchNorm module paths that always use their running
         statistics (see :class:`jft.models.layers.BatchNorm`).
+      bn_axis_name: the axis over which BatchNorm averages its batch statistics
+        (``nn.BatchNorm.axis_name``); the pmap train step sets it.
     """
 
     stage_sizes: Sequence[int]
@@ -157,6 +167,7 @@ class ResNet(nn.Module):
     num_classes: int = 1000
     dtype: Dtype = jnp.float32
     frozen_bn: tuple[str, ...] = ()
+    bn_axis_name: str | None = None
 
     def setup(self) -> None:
         self.backbone = ResNetBackbone(
@@ -168,6 +179,7 @@ class ResNet(nn.Module):
             self.stride_in_1x1,
             self.dtype,
             tuple(self.frozen_bn),
+            self.bn_axis_name,
         )
         if self.num_classes:
             self.head = nn.Dense(self.num_classes, dtype=self.dtype)

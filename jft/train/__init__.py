@@ -5,25 +5,20 @@ from jft.train.checkpoint import Checkpointer, CheckpointError, Restored, read_m
 from jft.train.config import ConfigError, default_config
 from jft.train.export import export
 from jft.train.inputs import inputs_for, model_args
-from jft.train.loop import NonFiniteError, evaluate, train_and_evaluate
+from jft.train.loop import NonFiniteError
+from jft.train.main import evaluate, train_and_evaluate
 from jft.train.metrics import make_eval_step
-from jft.train.parallel import host_state, make_mesh, place_state, shard_batch
-from jft.train.step import (
-    StagedTrainStep,
-    TrainState,
-    create_train_state,
-    make_staged_train_step,
-    make_train_step,
-    restage,
-)
+from jft.train.parallel import Parallel, host_state, make_mesh, place_state, shard_batch
+from jft.train.state import TrainState, create_train_state
+from jft.train.step import make_train_step
 
 __all__ = [
     "CheckpointError",
     "Checkpointer",
     "ConfigError",
     "NonFiniteError",
+    "Parallel",
     "Restored",
-    "StagedTrainStep",
     "TrainState",
     "checkpoint",
     "create_train_state",
@@ -34,7 +29,6 @@ __all__ = [
     "host_state",
     "inputs_for",
     "losses",
-    "make_staged_train_step",
     "make_eval_step",
     "make_mesh",
     "make_train_step",
@@ -43,7 +37,6 @@ __all__ = [
     "parallel",
     "place_state",
     "read_metadata",
-    "restage",
     "shard_batch",
     "train_and_evaluate",
 ]

@@ -23,6 +23,7 @@ from typing import Any
 
 import ml_collections
 
+from jft.train import parallel
 from jft.train.build import (
     build_model,
     build_optimizer,
@@ -98,7 +99,6 @@ def resolve(config: Mapping[str, Any] | ml_collections.ConfigDict) -> ml_collect
     if not out.optimizer.get("name"):
         raise ConfigError("config key 'optimizer.name' is required")
     for key, allowed in (
-        ("parallel", ("jit", "pmap", "none")),
         ("compute_dtype", ("float32", "bfloat16")),
         ("checkpoint.best_mode", ("max", "min")),
         ("schedule.name", ("constant", "cosine", "warmup_cosine", "linear")),
@@ -107,6 +107,10 @@ def resolve(config: Mapping[str, Any] | ml_collections.ConfigDict) -> ml_collect
         value = (out[group] if group else out)[leaf]
         if value not in allowed:
             raise ConfigError(f"config key '{key}' is {value!r}; expected one of {allowed}")
+    try:  # the one check of the parallel mode, jft.train.parallel's
+        parallel.check(out.parallel, out.fsdp)
+    except ValueError as e:
+        raise ConfigError(f"bad config: {e}") from None
     if out.init.required and not out.init.path:
         raise ConfigError(
             "this recipe needs pretrained weights: set config.init.path "

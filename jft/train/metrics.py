@@ -9,7 +9,7 @@ padded data set is exact.
 
 >>> total = None
 >>> for batch in eval_batches:                                # doctest: +SKIP
-...     total = accumulate(total, eval_step(state, shard_batch(batch, parallel, mesh)))
+...     total = accumulate(total, eval_step(state, parallel.shard_batch(batch)))
 >>> finalize(total)["accuracy"]                                # doctest: +SKIP
 """
 
@@ -22,14 +22,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh
 
 from jft.train import losses as losses_lib
-from jft.train import parallel as parallel_lib
-from jft.train._jit import OptionsJit
 from jft.train.inputs import labels as batch_labels
 from jft.train.inputs import model_args
-from jft.train.parallel import AXIS
+from jft.train.parallel import Parallel
 
 __all__ = ["accumulate", "finalize", "make_eval_step"]
 
@@ -55,8 +52,7 @@ def make_eval_step(
     num_classes: int,
     inputs: str | Callable[[Batch], Any] | None = None,
     loss_fn: losses_lib.Loss | Callable[[Any, Batch], jax.Array] | None = None,
-    parallel: str = "none",
-    mesh: Mesh | None = None,
+    parallel: Parallel | str = "none",
     top_k: Sequence[int] = (1, 5),
     compute_dtype: Any = None,
 ) -> Callable[[Any, Batch], Sums]:
@@ -64,8 +60,8 @@ def make_eval_step(
 
     The model runs in eval mode (``train=False``: running BatchNorm statistics,
     no dropout) on the variables of ``state`` (a :class:`jft.train.TrainState`
-    placed for ``parallel``, as the train step takes it); ``batch`` is placed
-    with :func:`jft.train.parallel.shard_batch` and carries a bool ``"mask"``
+    placed by ``parallel``, as the train step takes it); ``batch`` is placed
+    with ``parallel.shard_batch`` and carries a bool ``"mask"``
     (all rows count without one).
 
     Args:
@@ -77,8 +73,8 @@ def make_eval_step(
       loss_fn: a :class:`jft.train.losses.Loss` (its per-example losses are
         summed over the valid rows), or any ``loss_fn(logits, batch)`` returning
         the mean over the valid rows; default ``softmax_xent``.
-      parallel: ``"none"``, ``"jit"`` or ``"pmap"``, as the state was placed.
-      mesh: the mesh of ``"jit"`` (default :func:`jft.train.parallel.make_mesh`).
+      parallel: a :class:`jft.train.parallel.Parallel`, or a mode name
+        (``"none"``, ``"jit"`` or ``"pmap"``), as the state was placed.
       top_k: the ``k`` of the top-k accuracies (``k = 1`` is ``accuracy``);
         those above ``num_classes`` are left out.
       compute_dtype: as for :func:`jft.train.make_train_step`.
@@ -87,18 +83,14 @@ def make_eval_step(
       The step. Its sums: ``count`` (valid rows), ``loss``, ``top_{k}`` (hits),
       and ``confusion`` (``[true, predicted]`` counts, int32).
     """
-    if parallel not in ("none", "jit", "pmap"):
-        raise ValueError(f"parallel must be one of ('none', 'jit', 'pmap'), got {parallel!r}")
+    par = Parallel.of(parallel)
     loss_fn = losses_lib.softmax_xent() if loss_fn is None else loss_fn
     if compute_dtype is not None and hasattr(model, "dtype"):
         model = model.clone(dtype=jnp.dtype(compute_dtype))
-    if parallel == "jit" and mesh is None:
-        mesh = parallel_lib.make_mesh()
     ks = sorted({int(k) for k in top_k if 1 <= int(k) <= max(num_classes, 1)} | {1})
 
     def step(state: Any, batch: Batch) -> Sums:
-        if parallel == "jit":
-            batch = parallel_lib.constrain_batch(batch, mesh)
+        batch = par.constrain_batch(batch)
         args, kwargs = model_args(inputs, batch)
         if compute_dtype is not None:
             args, kwargs = jax.tree.map(
@@ -128,13 +120,11 @@ def make_eval_step(
             sums["confusion"] = (
                 jnp.zeros((size, size), jnp.int32).at[true, pred].add(mask.astype(jnp.int32))
             )
-        if parallel == "pmap":
-            sums = jax.lax.psum(sums, AXIS)
+        if par.axis_name is not None:
+            sums = jax.lax.psum(sums, par.axis_name)
         return sums
 
-    if parallel == "pmap":
-        return jax.pmap(step, axis_name=AXIS, out_axes=None)
-    return OptionsJit(step)
+    return par.compile(step, out_axes=None)
 
 
 def accumulate(total: Sums | None, sums: Sums) -> Sums:

@@ -1,7 +1,8 @@
 """Every update rule on the quadratic ``L(θ) = (θ − target)²``: trajectories, a plot, a table.
 
-The ``quadratic`` recipe (``configs/quadratic.py``) runs this through
-:func:`jft.train.train_and_evaluate` (a config with ``program = "quadratic"``).
+The ``quadratic`` recipe (``configs/quadratic.py``) names :func:`run_quadratic`
+as its entry point (``program = "jft.train.quadratic:run_quadratic"``), which
+:func:`jft.train.train_and_evaluate` calls.
 Each rule starts from ``theta0`` and takes ``num_steps`` steps with its own
 hyperparameters; ``sgd`` sees a minibatch gradient (the mean of ``(θ − x_i)²``
 over ``x_i ~ N(target, noise²)``, seeded), ``subgradient`` the same gradient as
