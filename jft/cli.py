@@ -101,6 +101,8 @@ def _export(args: argparse.Namespace) -> int:
         like=args.like,
         max_shard_size=args.max_shard_size,
         overwrite=args.overwrite,
+        merge=args.merge,
+        best=args.best,
     )
     print(f"wrote {dst} ({args.format})")
     return 0
@@ -261,8 +263,8 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "export",
         help="write a run, checkpoint or weights back to hf, timm, torchvision, keras...",
-        description="Export a run (its latest checkpoint, or --step N), a checkpoint folder, "
-        "a weights file or a Hugging Face folder in the format its framework loads.",
+        description="Export a run (its latest checkpoint, --step N, or --best), a checkpoint "
+        "folder, a weights file or a Hugging Face folder in the format its framework loads.",
     )
     p.add_argument("src")
     p.add_argument("dest")
@@ -277,6 +279,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--like", default=None, help="HF folder for config.json and tokenizer")
     p.add_argument("--max-shard-size", default="5GB", help="hf shard size (5GB, 200MB...)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing DEST")
+    p.add_argument("--merge", action="store_true", help="a LoRA run's adapters merged in")
+    p.add_argument("--best", action="store_true", help="the run's step with the best eval metric")
     p = sub.add_parser(
         "inspect", help="parameter paths, shapes and dtypes of a weights file or checkpoint"
     )

@@ -614,6 +614,102 @@ def test_decoder_shards_bfloat16_and_refusals(decoders, tmp_path):
         jft.weights.export(decoders("gpt2")[1], tmp_path / "g.safetensors", "timm")
 
 
+def random_adapters(variables, rng):
+    """``variables`` as NumPy arrays, each ``lora_B`` random (0 would hide the merge)."""
+
+    def fill(path, v):
+        named = "lora_B" in jax.tree_util.keystr(path)
+        return rng.normal(0, 0.1, v.shape).astype(v.dtype) if named else np.asarray(v)
+
+    return jax.tree_util.tree_map_with_path(fill, variables)
+
+
+def lora_decoder_run(workdir, model, variables, folder):
+    """A LoRA run on ``model`` (q/v adapters, B != 0) saved at steps 1 and 2; step 1 evaluates
+    best. Returns the run's LoRA model and each step's variables."""
+    import dataclasses
+
+    import ml_collections
+
+    import jft.peft
+    from jft.train import config as config_lib
+    from jft.train.checkpoint import Checkpointer
+
+    fields = {
+        f.name: getattr(model, f.name)
+        for f in dataclasses.fields(model)
+        if f.name not in ("parent", "name") and getattr(model, f.name) != f.default
+    }
+    config = jft.train.default_config()
+    config.model = ml_collections.ConfigDict({"name": "llama", "num_classes": 0, **fields})
+    config.init.path = folder
+    config.lora.targets = (r"backbone/.*attention/(q_proj|v_proj)",)
+    config.lora.rank, config.lora.alpha, config.lora.modules_to_save = 4, 8.0, ()
+    config.checkpoint.best_metric, config.checkpoint.best_mode = "eval/loss", "min"
+    lora_model = config_lib.build_model(config, 0)
+    with_adapters = jft.peft.init_adapters(lora_model, variables, DECODER_IDS)
+    ck = Checkpointer(os.path.join(workdir, "checkpoints"), every=1)
+    steps = {}
+    for step in (1, 2):
+        steps[step] = random_adapters(with_adapters, np.random.default_rng(step))
+        state = jft.train.create_train_state(
+            jax.tree.map(jnp.array, steps[step]), [(".*", jft.optim.adam(1e-3))]
+        )
+        ck.save(step, state, data_state={}, config=config)
+    ck.close()
+    with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
+        for step, loss in ((1, 0.5), (2, 0.9)):
+            f.write(json.dumps({"step": step, "train/loss": 1.0, "eval/loss": loss}) + "\n")
+    return lora_model, steps
+
+
+def test_lora_decoder_run_merged_to_hf(decoders, tmp_path, monkeypatch, capsys):
+    """``jft export RUN DEST --format hf --merge --best``: transformers loads the full model
+    and computes what the jft model with its adapters computes; mistakes are one line."""
+    from jft.cli import main
+
+    ref, folder, model, variables = decoders("llama")
+    run = os.fspath(tmp_path / "run")
+    lora_model, steps = lora_decoder_run(run, model, variables, folder)
+    dest = os.fspath(tmp_path / "merged")
+    assert main(["export", run, dest, "--format", "hf", "--merge", "--best"]) == 0
+    back = hf_load(transformers.AutoModelForCausalLM, dest, attn_implementation="eager")
+    want = np.asarray(jax.jit(lora_model.apply)(steps[1], DECODER_IDS))  # the best step: 1
+    d = max_diff(causal_logits(back, DECODER_IDS), want)
+    report("export llama LoRA run --merge -> hf", d)
+    assert d <= TOL
+    assert max_diff(causal_logits(ref, DECODER_IDS), want) > 1e-2  # the adapters matter
+    assert "lm_head.weight" not in jft.weights.read(dest)  # tied, as the source
+    assert os.path.exists(os.path.join(dest, "tokenizer_config.json"))  # from config.init.path
+
+    latest = os.fspath(tmp_path / "latest.safetensors")  # jft's names, merged, step 2
+    assert main(["export", run, latest, "--format", "safetensors", "--merge"]) == 0
+    params = {k: v for k, v in steps[2].items() if k == "params"}
+    want = traverse_util.flatten_dict(jft.peft.merge(params, lora_model.config), sep="/")
+    got = jft.weights.read(latest)
+    assert sorted(got) == sorted(want) and not any("lora" in k for k in got)
+    for name, value in want.items():
+        np.testing.assert_array_equal(got[name], np.asarray(value), err_msg=name)
+
+    mistakes = [
+        ([run, "x", "--format", "hf"], "the run trains LoRA adapters; pass --merge"),
+        ([run, "x", "--format", "hf", "--merge", "--best", "--step", "2"], "not both"),
+        ([folder, "x", "--format", "hf", "--merge"], "give a workdir"),
+        ([folder, "x.safetensors", "--format", "timm"], "does not export to format 'timm'"),
+        ([run, dest, "--format", "hf", "--merge"], "already exists; pass --overwrite"),
+    ]
+    os.remove(os.path.join(run, "metrics.jsonl"))
+    mistakes.append(([run, "x", "--format", "hf", "--merge", "--best"], "no saved step (1, 2)"))
+    monkeypatch.chdir(tmp_path)  # the relative DEST "x" would land here
+    capsys.readouterr()
+    before = sorted(os.listdir(tmp_path))
+    for argv, needle in mistakes:
+        assert main(["export", *argv]) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert needle in err and len(err.splitlines()) == 1, err
+    assert sorted(os.listdir(tmp_path)) == before
+
+
 # ----------------------------------------------------------------------------- bad input
 
 
