@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import ml_collections
 import numpy as np
@@ -79,6 +80,8 @@ def test_tensorboard_events_and_plots_are_written(run):
         img = np.asarray(Image.open(path).convert("L"), dtype=float)
         assert img.shape[0] > 200 and img.shape[1] > 400
         assert img.std() > 10  # something is drawn, not a blank canvas
+    # tensorboardX was loaded with torch hidden; torch is not left hidden.
+    assert sys.modules.get("torch", "never imported") is not None
 
 
 def test_restarting_a_finished_run_changes_nothing(run):

@@ -104,8 +104,7 @@ class MetricWriter:
 
     def _writer(self):
         if self._tb is None:
-            from tensorboardX import SummaryWriter
-
+            SummaryWriter = _import_summary_writer()
             self._tb = SummaryWriter(os.path.join(self.workdir, "tb"), flush_secs=30)
         return self._tb
 
@@ -115,6 +114,23 @@ class MetricWriter:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+
+
+def _import_summary_writer():
+    # tensorboardX imports torch, when it is installed, only to accept torch tensors
+    # as values; jft logs Python floats. That import is ~6 CPU seconds, a quarter of a
+    # short run: hide torch while tensorboardX loads (unless torch is loaded already).
+    import sys
+
+    hide = "torch" not in sys.modules
+    if hide:
+        sys.modules["torch"] = None  # `import torch` raises ImportError meanwhile
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        if hide:
+            del sys.modules["torch"]
+    return SummaryWriter
 
 
 def _series(records: Sequence[Mapping[str, Any]], key: str) -> tuple[np.ndarray, np.ndarray]:
@@ -151,10 +167,7 @@ def write_plots(
     the eval loss on a log scale; the eval plot shows every eval metric in
     ``[0, 1]`` (accuracy, F1, ...) against the step. Returns the files written.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     workdir = os.fspath(workdir)
     records = read_metrics(os.path.join(workdir, "metrics.jsonl")) if records is None else records
@@ -167,12 +180,12 @@ def write_plots(
         path = os.path.join(out_dir, name)
         fig.tight_layout()
         fig.savefig(path, dpi=110)
-        plt.close(fig)
         written.append(path)
 
     s, v = _series(records, "train/loss")
     if len(s):
-        fig, ax = plt.subplots(figsize=(7, 4))
+        fig = Figure(figsize=(7, 4))
+        ax = fig.subplots()
         ax.plot(s, v, color="tab:blue", alpha=0.3, lw=1, label="train loss")
         ax.plot(
             s, _smooth(v), color="tab:blue", lw=2, label=f"train loss (EMA {_smoothing(len(v))})"
@@ -189,7 +202,8 @@ def write_plots(
 
     lr_keys = [k for k in keys if k.startswith("train/lr")]
     if lr_keys:
-        fig, ax = plt.subplots(figsize=(7, 3))
+        fig = Figure(figsize=(7, 3))
+        ax = fig.subplots()
         for k in lr_keys:
             ls, lv = _series(records, k)
             ax.plot(ls, lv, lw=2, label=k.removeprefix("train/"))
@@ -202,7 +216,8 @@ def write_plots(
 
     eval_keys = [k for k in keys if k.startswith("eval/") and k != "eval/loss"]
     if eval_keys:
-        fig, ax = plt.subplots(figsize=(7, 4))
+        fig = Figure(figsize=(7, 4))
+        ax = fig.subplots()
         for k in eval_keys:
             es, ev = _series(records, k)
             if len(ev) and np.nanmax(ev) <= 1.0 and np.nanmin(ev) >= 0.0:
@@ -227,13 +242,11 @@ def write_stage_plots(workdir: str | os.PathLike, stages: Sequence[str]) -> str:
     Each stage is drawn against its own steps (every stage starts at step 0),
     so stages with the same budget compare directly; returns the file written.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     workdir = os.fspath(workdir)
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig = Figure(figsize=(12, 4.5))
+    ax_loss, ax_acc = fig.subplots(1, 2)
     for name in stages:
         records = read_metrics(os.path.join(workdir, name, "metrics.jsonl"))
         s, v = _series(records, "train/loss")
@@ -260,7 +273,6 @@ def write_stage_plots(workdir: str | os.PathLike, stages: Sequence[str]) -> str:
     path = os.path.join(workdir, "plots", "stages.png")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 
