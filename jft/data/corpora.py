@@ -20,7 +20,6 @@ The text depends on the Python version, so results are stated with it.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import sysconfig
 from collections.abc import Callable, Mapping
@@ -29,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from jft.data.errors import DataError
+from jft.data.token_rows import Source, TokenRows
 
 __all__ = ["CORPORA", "NAME", "VOCAB_SIZE", "CorpusSplit", "documents", "open_split"]
 
@@ -84,40 +84,8 @@ def documents(corpus: str, split: str) -> dict[str, str]:
     }
 
 
-@dataclasses.dataclass(frozen=True)
-class _Source:
-    name: str
-    pixel_max: float = 1.0
-
-
-@dataclasses.dataclass
-class CorpusSplit:
-    """A split cut into rows; the interface of :mod:`jft.data.pipeline`'s splits.
-
-    Attributes:
-      dataset: the corpus's name (``dataset.name``).
-      columns: ``input_ids``, ``attention_mask``, ``loss_mask`` ``(rows, max_length)``.
-      num_documents: how many documents the split holds.
-    """
-
-    dataset: _Source
-    columns: dict[str, np.ndarray]
-    num_documents: int
-
-    @property
-    def indices(self) -> np.ndarray:
-        """One index per row."""
-        return np.arange(len(self.columns["input_ids"]))
-
-    @property
-    def features(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-        """key -> (shape, dtype) of one row."""
-        return {k: (v.shape[1:], v.dtype) for k, v in self.columns.items()}
-
-    def batch(self, ops: Any, rows: np.ndarray, ctx: Any) -> dict[str, np.ndarray]:
-        """The rows ``rows`` (token rows take no preprocessing ops)."""
-        del ops, ctx
-        return {k: v[rows] for k, v in self.columns.items()}
+CorpusSplit = TokenRows
+"""A corpus split cut into rows (an alias of :class:`jft.data.token_rows.TokenRows`)."""
 
 
 _CACHE: dict[tuple, CorpusSplit] = {}
@@ -152,5 +120,5 @@ def open_split(cfg: Mapping[str, Any], split: str) -> CorpusSplit:
         ids = data[: rows * length].reshape(rows, length).astype(np.int32)
         ones = np.ones_like(ids)
         columns = {"input_ids": ids, "attention_mask": ones, "loss_mask": ones}
-        _CACHE[key] = CorpusSplit(_Source(f"corpus:{corpus}"), columns, len(docs))
+        _CACHE[key] = CorpusSplit(Source(f"corpus:{corpus}"), columns, len(docs))
     return _CACHE[key]

@@ -30,7 +30,6 @@ taken before packing, and batches go through the grain pipeline of
 from __future__ import annotations
 
 import collections
-import dataclasses
 import json
 import os
 import threading
@@ -43,6 +42,7 @@ import tensorflow_datasets as tfds
 
 from jft.data import chat
 from jft.data.errors import DataError
+from jft.data.token_rows import Source, TokenRows
 
 __all__ = ["NAME", "SftSplit", "check_config", "encode", "open_split", "pack", "read_jsonl"]
 
@@ -185,45 +185,9 @@ def _slice(split: str, n: int, path: str) -> np.ndarray:
     return np.concatenate([np.arange(n)[p.from_ : p.to] for p in parts])
 
 
-class _Source:
-    """The JSONL file as a data set: its name (for messages) and no pixels."""
-
-    pixel_max = 1.0
-
-    def __init__(self, path: str):
-        self.name = os.path.basename(path)
-
-
-@dataclasses.dataclass
-class SftSplit:
-    """One split of an SFT file, tokenized, masked and packed into rows.
-
-    The interface of :mod:`jft.data.pipeline`'s splits: ``indices`` (one per row),
-    ``dataset``, ``batch(ops, rows, ctx)``.
-
-    Attributes:
-      columns: ``input_ids``, ``attention_mask``, ``loss_mask`` ``(rows, max_length)``.
-      num_documents: the examples in the split.
-    """
-
-    dataset: _Source
-    columns: dict[str, np.ndarray]
-    num_documents: int
-
-    @property
-    def indices(self) -> np.ndarray:
-        """One index per row."""
-        return np.arange(len(self.columns["input_ids"]))
-
-    @property
-    def features(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-        """key -> (shape, dtype) of one row."""
-        return {k: (v.shape[1:], v.dtype) for k, v in self.columns.items()}
-
-    def batch(self, ops, rows: np.ndarray, ctx) -> dict[str, np.ndarray]:
-        """The rows ``rows`` (no preprocessing ops apply: :func:`check_config`)."""
-        del ops, ctx
-        return {k: v[rows] for k, v in self.columns.items()}
+SftSplit = TokenRows
+"""One split of an SFT file, tokenized, masked and packed into rows (an alias of
+:class:`jft.data.token_rows.TokenRows`; no preprocessing ops apply: :func:`check_config`)."""
 
 
 def _build(cfg: Mapping[str, Any], split: str) -> SftSplit:
@@ -255,7 +219,7 @@ def _build(cfg: Mapping[str, Any], split: str) -> SftSplit:
     lengths = np.asarray([len(x) for x, _ in examples])
     groups = pack(lengths, max_length) if cfg.get("packing") else [[i] for i in range(len(keep))]
     columns = _rows(examples, groups, max_length, tokenizer.pad_id)
-    return SftSplit(_Source(path), columns, len(keep))
+    return SftSplit(Source(os.path.basename(path)), columns, len(keep))
 
 
 def open_split(cfg: Mapping[str, Any], split: str) -> SftSplit:
