@@ -8,6 +8,7 @@ rendering, assistant masks, the causal-LM loss with a block-diagonal 4-D mask).
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from tests.torch_refs import import_timm
 
 import_timm()  # first: it makes torchvision (which transformers imports) load
 
+import flax
 import jax
 import tokenizers
 import torch
@@ -23,7 +25,9 @@ import transformers
 from tokenizers import decoders, pre_tokenizers, processors, trainers
 
 import jft
+from jft import cli
 from jft.data import chat, sft
+from jft.train import config as config_lib
 from jft.weights import from_pretrained
 
 SPECIAL = ["<pad>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"]
@@ -52,6 +56,7 @@ LINES = [
     {"messages": CHAT[3:]},
     {"prompt": "hello", "completion": " there, how are you?"},
 ]
+LONG = {"prompt": "the cat", "completion": " sat" * 80}  # 84 tokens with BOS and EOS
 MAX_LENGTH = 64
 TOL = 1e-4
 
@@ -209,3 +214,120 @@ def test_packed_logits_equal_each_example_alone(files):
     assert len(where) >= 4 and np.abs(packed).max() > 0.5
     # Without the segment ids (one long document) the later examples' logits differ.
     assert np.abs(merged[seg == 2] - packed[seg == 2]).max() > 1e-2
+
+
+def _torch_loss(ref: torch.nn.Module, batch) -> float:
+    """transformers' causal-LM loss of a packed batch: a block-diagonal causal 4-D mask,
+    position ids restarting per example, labels -100 where the loss mask is 0."""
+    seg = batch["attention_mask"]
+    t = seg.shape[1]
+    causal = np.tril(np.ones((t, t), bool))
+    allow = (seg[:, :, None] == seg[:, None, :]) & causal & (seg[:, None, :] > 0)
+    allow |= np.eye(t, dtype=bool)  # padding rows attend to themselves (not counted)
+    mask = torch.where(torch.tensor(allow)[:, None], 0.0, torch.finfo(torch.float32).min)
+    starts = (seg > 0) & (seg != np.pad(seg[:, :-1], ((0, 0), (1, 0))))
+    index = np.arange(t)
+    begin = np.maximum.accumulate(np.where(starts, index, 0), axis=1)
+    labels = np.where(batch["loss_mask"] == 1, batch["input_ids"], -100)
+    with torch.no_grad():
+        out = ref(
+            input_ids=torch.tensor(batch["input_ids"], dtype=torch.long),
+            attention_mask=mask,
+            position_ids=torch.tensor(index - begin),
+            labels=torch.tensor(labels, dtype=torch.long),
+        )
+    return float(out.loss)
+
+
+def _recipe(files, mode: str = "full"):
+    """configs/llama_sft.py:<mode> on the tiny folder and file, resolved as jft train does."""
+    from jft.configs import llama_sft
+
+    config = llama_sft.get_config(mode)
+    config.init.path = files["llama"][0]
+    config.data.path = files["jsonl"]
+    config.data.max_length, config.data.batch_size = MAX_LENGTH, 2
+    config.data.train_split, config.data.eval_split = "train", "train[:2]"
+    config.schedule.warmup_steps = 0
+    return config_lib.resolve(config)
+
+
+def test_sft_step_loss_equals_transformers(files):
+    """One train step of the recipe's model, rules and loss on its first packed batch."""
+    config = _recipe(files)
+    assert config.data.tokenizer == files["llama"][0]  # the folder's, from init.path
+    model = config_lib.build_model(config, 0)  # model.name "pretrained": init.path's config
+    _, variables = from_pretrained(config.init.path)
+    rules = config_lib.build_rules(config)
+    loss = jft.train.losses.get(config.loss.name, label_smoothing=0.0)
+    step = jft.train.make_train_step(
+        model, rules, loss, learning_rate=config_lib.learning_rate(config), norms=False
+    )
+    pipeline = jft.data.get(config.data, "train", train=True, seed=0, process_count=1)
+    batch = next(pipeline)
+    assert (batch["attention_mask"] > 1).any() and 0 < batch["loss_mask"].mean() < 0.7
+    state = jft.train.create_train_state(variables, rules)
+    _, metrics = step(state, batch)  # the step's loss is measured before its update
+    assert abs(float(metrics["loss"]) - _torch_loss(files["llama"][1], batch)) < TOL
+
+
+@pytest.mark.parametrize("mode", ["lora", "frozen"])
+def test_recipe_modes_train_their_parts(files, mode):
+    """LoRA trains q/v adapters only, frozen leaves the embeddings out (shapes, no compile)."""
+    config = _recipe(files, mode)
+    model = config_lib.build_model(config, 0)
+    ids = np.ones((1, 8), np.int32)
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), ids, ids))
+    trainable, frozen = jft.partition.split(variables["params"], config_lib.build_rules(config))
+    train = set(flax.traverse_util.flatten_dict(trainable, sep="/"))
+    fixed = set(flax.traverse_util.flatten_dict(frozen, sep="/"))
+    if mode == "lora":
+        assert train and all(re.search(r"attention/(q|v)_proj/lora_", p) for p in train), train
+        assert "backbone/layers_0/attention/q_proj/kernel" in fixed
+    else:
+        assert fixed == {"backbone/embed_tokens/embedding"} and len(train) > 10
+
+
+@pytest.mark.parametrize(
+    ("line", "template", "message"),
+    [
+        ({"messages": CHAT}, None, "has no chat template"),
+        (["prompt", "completion"], TEMPLATE, "line 2: expected"),
+        (LONG, TEMPLATE, "takes 84 tokens, more than config.data.max_length=64"),
+    ],
+    ids=["no-template", "not-an-object", "too-long"],
+)
+def test_bad_input_is_one_line(files, tmp_path, line, template, message):
+    folder = tmp_path / "tokenizer"
+    _save_tokenizer(folder, files["tok"], template)
+    data = tmp_path / "bad.jsonl"
+    data.write_text(json.dumps(LINES[0]) + "\n" + json.dumps(line) + "\n")
+    with pytest.raises(jft.data.DataError) as e:
+        jft.data.info(_data(files, path=os.fspath(data), tokenizer=os.fspath(folder)))
+    assert message in str(e.value) and f"{data} line 2" in str(e.value)
+    assert len(str(e.value).splitlines()) == 1
+
+
+def test_bad_input_from_the_command_line(files, tmp_path, capsys):
+    """`jft train` with the recipe: exit status 2, one line naming what to set, nothing written."""
+    data = tmp_path / "long.jsonl"
+    data.write_text(json.dumps(LONG) + "\n")
+    workdir = tmp_path / "run"
+    code = cli.main(
+        [
+            "train",
+            "--config",
+            "configs/llama_sft.py",
+            "--workdir",
+            str(workdir),
+            f"--config.init.path={files['llama'][0]}",
+            f"--config.data.path={data}",
+            "--config.data.train_split=train",
+            "--config.data.eval_split=train",
+            f"--config.data.max_length={MAX_LENGTH}",
+        ]
+    )
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert f"{data} line 1" in err and "set config.data.max_length=84 or more" in err
+    assert not workdir.exists() or not any(workdir.iterdir())

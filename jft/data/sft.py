@@ -196,7 +196,10 @@ def _build(cfg: Mapping[str, Any], split: str) -> SftSplit:
     tokenizer = chat.load(cfg["tokenizer"], cfg.get("chat_template"))
     keep = _slice(split, len(records), path)
     if len(keep) == 0:
-        raise DataError(f"split {split!r} of {path} holds no examples")
+        raise DataError(
+            f"split {split!r} of {path} ({len(records)} examples) holds none: slice it "
+            "otherwise (config.data.train_split / eval_split, e.g. 'train[-10:]')"
+        )
     examples = []
     for i in keep:
         number, record = records[i]

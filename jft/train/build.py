@@ -15,6 +15,7 @@ import optax
 
 from jft import models, optim, peft
 from jft.train.defaults import ConfigError
+from jft.weights.pretrained import model_from_folder
 
 __all__ = [
     "build_model",
@@ -151,20 +152,28 @@ def init_skip(config: ml_collections.ConfigDict) -> tuple[str, ...]:
 def build_model(config: ml_collections.ConfigDict, num_classes: int, dtype: Any = None) -> Any:
     """``jft.models.get(config.model.name, ...)`` with ``num_classes`` unless the config sets it.
 
+    ``model.name="pretrained"`` builds what ``config.init.path``'s ``config.json``
+    describes (:func:`jft.weights.pretrained.model_from_folder`); the other
+    ``config.model`` keys override its fields.
+
     Raises:
       ConfigError: an unknown model or argument.
     """
     kwargs = dict(config.model)
     name = kwargs.pop("name")
-    if name not in models.names():
+    if name != "pretrained" and name not in models.names():
         raise ConfigError(
-            f"unknown model '{name}' (model.name); known: {', '.join(sorted(models.names()))}"
+            f"unknown model '{name}' (model.name); known: 'pretrained' (init.path's "
+            f"config.json), {', '.join(sorted(models.names()))}"
         )
     kwargs.setdefault("num_classes", num_classes)
     if dtype is not None:
         kwargs["dtype"] = dtype
     try:
-        model = models.get(name, **kwargs)
+        if name == "pretrained":
+            model = model_from_folder(config.init.path, **kwargs)
+        else:
+            model = models.get(name, **kwargs)
     except TypeError as e:
         raise ConfigError(f"model '{name}' does not take these config.model keys: {e}") from None
     lora = lora_config(config)

@@ -15,12 +15,12 @@ is made; it places the state (:meth:`Parallel.place_state`), shards each batch
 (:meth:`Parallel.host_state`) and compiles the steps, which take it as their
 ``parallel`` argument. Each process feeds its own slice of the global batch
 (``global_batch // jax.process_count()`` rows, as :func:`jft.data.get` yields
-it); once sharded, the step sees the global batch.
+it); once sharded, the step sees the global batch::
 
->>> par = Parallel("jit")                                    # doctest: +SKIP
->>> step = make_train_step(model, rules, loss_fn, parallel=par)
->>> state = par.place_state(state)
->>> state, metrics = step(state, par.shard_batch(batch))
+    par = Parallel("jit")
+    step = make_train_step(model, rules, loss_fn, parallel=par)
+    state = par.place_state(state)
+    state, metrics = step(state, par.shard_batch(batch))
 """
 
 from __future__ import annotations

@@ -104,14 +104,7 @@ def from_pretrained(
     ((1, 4, 384), (1, 384))
     """
     folder = os.fspath(folder)
-    config = _read_config(folder)
-    model_type = config.get("model_type")
-    if model_type not in _BUILDERS:
-        raise WeightsError(
-            f"{os.path.join(folder, 'config.json')}: model_type {model_type!r} is not supported; "
-            f"from_pretrained builds {', '.join(sorted(_BUILDERS))}"
-        )
-    model, arch, example = _BUILDERS[model_type](config, folder, num_classes, dtype, overrides)
+    model, arch, example = _build(folder, num_classes, dtype, overrides)
     rng = jax.random.key(0) if rng is None else rng
     # Restore into the abstract variables, then initialize only what the file did
     # not fill (a new head): XLA drops the random init of everything else, which
@@ -158,6 +151,30 @@ def _place_all(variables: Any, abstract: Any, shardings: Mapping[str, Any], fold
         else:
             out[path] = place(value, shardings[path], dtypes[path], path=path, source=folder)
     return traverse_util.unflatten_dict(out, sep="/")
+
+
+def model_from_folder(
+    folder: str | os.PathLike, num_classes: int = 0, dtype: Dtype = jnp.float32, **overrides: Any
+) -> nn.Module:
+    """The model that ``folder/config.json`` describes, as :func:`from_pretrained` builds it,
+    without reading its weights (``jft train`` with ``config.model.name="pretrained"``).
+
+    Raises:
+      WeightsError: as :func:`from_pretrained` for ``config.json``.
+    """
+    return _build(os.fspath(folder), num_classes, dtype, overrides)[0]
+
+
+def _build(folder: str, num_classes: int, dtype: Dtype, overrides: Mapping[str, Any]):
+    """``(model, arch, example inputs)`` of ``folder/config.json``."""
+    config = _read_config(folder)
+    model_type = config.get("model_type")
+    if model_type not in _BUILDERS:
+        raise WeightsError(
+            f"{os.path.join(folder, 'config.json')}: model_type {model_type!r} is not supported; "
+            f"from_pretrained builds {', '.join(sorted(_BUILDERS))}"
+        )
+    return _BUILDERS[model_type](config, folder, num_classes, dtype, dict(overrides))
 
 
 def _init_some(model: nn.Module, rng: jax.Array, example: tuple[Any, ...], paths: Sequence[str]):
