@@ -18,12 +18,13 @@ from jft.models.gpt2 import GPT2
 from jft.models.layers import compiler_options
 from jft.models.llama import Llama
 from jft.models.mlp import MLP
-from jft.models.registry import get, names, register
+from jft.models.registry import MODELS, get, names, register
 from jft.models.resnet import ResNet, resnet18, resnet34, resnet50
 from jft.models.vgg import VGG, VGGFlattenHead, vgg16, vgg16_flatten
 from jft.models.vit import ViT, resize_pos_embed
 
 __all__ = [
+    "MODELS",
     "Bert",
     "BertOutput",
     "CNN",

@@ -28,6 +28,8 @@ import numpy as np
 from jft._registry import Registry
 
 __all__ = [
+    "EXPORTS",
+    "KEYMAPS",
     "Inverse",
     "KeyMap",
     "get",
@@ -40,25 +42,27 @@ __all__ = [
 
 KeyMap = Callable[[Mapping[str, np.ndarray]], tuple[dict[str, np.ndarray], list[str]]]
 Inverse = Callable[[Mapping[str, np.ndarray], str], tuple[dict[str, np.ndarray], list[str]]]
-_KEYMAPS: Registry[KeyMap] = Registry("arch")
-_INVERSES: Registry[tuple[Inverse, tuple[str, ...]]] = Registry("export arch")
+KEYMAPS: Registry[KeyMap] = Registry("arch")
+"""Architecture -> key map (import direction)."""
+EXPORTS: Registry[tuple[Inverse, tuple[str, ...]]] = Registry("export arch")
+"""Architecture -> (inverse key map, the source layouts it writes)."""
 
 
 def register(arch: str) -> Callable[[KeyMap], KeyMap]:
     """Registers a key map for ``arch`` (a decorator)."""
-    return _KEYMAPS.register(arch)
+    return KEYMAPS.register(arch)
 
 
 def get(arch: str) -> KeyMap:
     """Returns the key map of ``arch``; an ``UnknownNameError`` lists the known ones."""
-    return _KEYMAPS.get(arch)
+    return KEYMAPS.get(arch)
 
 
 def register_inverse(arch: str, layouts: tuple[str, ...]) -> Callable[[Inverse], Inverse]:
     """Registers the export direction of ``arch``'s key map and the layouts it writes."""
 
     def wrap(fn: Inverse) -> Inverse:
-        _INVERSES.register(arch)((fn, tuple(layouts)))
+        EXPORTS.register(arch)((fn, tuple(layouts)))
         return fn
 
     return wrap
@@ -66,17 +70,17 @@ def register_inverse(arch: str, layouts: tuple[str, ...]) -> Callable[[Inverse],
 
 def inverse(arch: str) -> Inverse:
     """The export direction of ``arch``'s key map; an ``UnknownNameError`` lists the known ones."""
-    return _INVERSES.get(arch)[0]
+    return EXPORTS.get(arch)[0]
 
 
 def layouts(arch: str) -> tuple[str, ...]:
     """The source layouts ``arch`` exports to (empty: none)."""
-    return _INVERSES.get(arch)[1] if arch in _INVERSES else ()
+    return EXPORTS.get(arch)[1] if arch in EXPORTS else ()
 
 
 def names() -> list[str]:
     """The architectures that have a key map, sorted."""
-    return _KEYMAPS.names()
+    return KEYMAPS.names()
 
 
 from jft.weights.keymaps import bert, gpt2, jft, llama, resnet, vgg, vit  # noqa: E402, F401  (registers the key maps)
