@@ -614,14 +614,15 @@ def test_decoder_shards_bfloat16_and_refusals(decoders, tmp_path):
         jft.weights.export(decoders("gpt2")[1], tmp_path / "g.safetensors", "timm")
 
 
-def random_adapters(variables, rng):
-    """``variables`` as NumPy arrays, each ``lora_B`` random (0 would hide the merge)."""
-
-    def fill(path, v):
-        named = "lora_B" in jax.tree_util.keystr(path)
-        return rng.normal(0, 0.1, v.shape).astype(v.dtype) if named else np.asarray(v)
-
-    return jax.tree_util.tree_map_with_path(fill, variables)
+def random_adapters(variables, targets, rank, rng):
+    """``variables`` with LoRA factors on the ``targets`` modules, both random (B = 0, as
+    :func:`jft.peft.init_adapters` starts, would hide the merge)."""
+    flat = dict(traverse_util.flatten_dict(variables, sep="/"))
+    for path in targets:
+        fan_in, out = flat[f"params/{path}/kernel"].shape
+        flat[f"params/{path}/lora_A"] = rng.normal(0, 0.3, (fan_in, rank)).astype(np.float32)
+        flat[f"params/{path}/lora_B"] = rng.normal(0, 0.3, (rank, out)).astype(np.float32)
+    return traverse_util.unflatten_dict(flat, sep="/")
 
 
 def lora_decoder_run(workdir, model, variables, folder):
@@ -647,13 +648,14 @@ def lora_decoder_run(workdir, model, variables, folder):
     config.lora.rank, config.lora.alpha, config.lora.modules_to_save = 4, 8.0, ()
     config.checkpoint.best_metric, config.checkpoint.best_mode = "eval/loss", "min"
     lora_model = config_lib.build_model(config, 0)
-    with_adapters = jft.peft.init_adapters(lora_model, variables, DECODER_IDS)
+    targets = jft.peft.resolve_targets(variables["params"], lora_model.config)
     ck = Checkpointer(os.path.join(workdir, "checkpoints"), every=1)
     steps = {}
     for step in (1, 2):
-        steps[step] = random_adapters(with_adapters, np.random.default_rng(step))
+        steps[step] = random_adapters(variables, targets, 4, np.random.default_rng(step))
         state = jft.train.create_train_state(
-            jax.tree.map(jnp.array, steps[step]), [(".*", jft.optim.adam(1e-3))]
+            jax.tree.map(jnp.array, steps[step]),
+            [(".*", optax.sgd(0.1))],  # no state to save
         )
         ck.save(step, state, data_state={}, config=config)
     ck.close()
