@@ -9,6 +9,8 @@ Run:
 
     jft train --config configs/sst2_minilm.py --workdir runs/sst2_minilm --config.data.download=True
 
+One learning rate for all (5e-5): ``--config.rules='()' --config.layerwise_lr.decay=1.0``.
+
 Result: not measured on our machines (no internet for GLUE); fine-tuned MiniLM-L6
 models are known to reach ~0.88-0.90 validation accuracy on SST-2.
 """
@@ -47,9 +49,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.init.skip = ("head/.*",)
     c.init.strict = False  # the pooler of BertModel files is not in all-MiniLM-L6-v2
     c.init.required = True
-    # Optimizer
+    # Optimizer: discriminative learning rates. The new head trains at 10x the pretrained
+    # trunk, whose blocks decay by 0.9 per layer going down (layer-wise LR decay, as in
+    # ELECTRA): layer_5 at 4.5e-5 ... layer_0 at 2.7e-5, the embeddings at 2.4e-5.
     c.optimizer = ml_collections.ConfigDict({"name": "adamw", "lr": 5e-5, "weight_decay": 0.01})
-    c.clip_grad_norm = 1.0
+    c.rules = (("head/.*", {"lr": 5e-4}),)
+    c.layerwise_lr.decay = 0.9
+    c.layerwise_lr.num_layers = 6
+    # No clip_grad_norm: each optimizer group would clip by its own norm, not the global one.
     # Schedule
     c.schedule.name = "warmup_cosine"
     c.schedule.warmup_steps = 200

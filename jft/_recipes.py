@@ -13,6 +13,7 @@ import importlib.machinery
 import importlib.util
 import os
 import pathlib
+import re
 import sys
 from collections.abc import Sequence
 
@@ -128,17 +129,59 @@ def optimizer_keys() -> frozenset[str]:
     return config_lib.optimizer_keys()
 
 
+_RULE_SETTING = re.compile(r"--config\.((?:\w+\.)*)rules\[(\d+)\]\[1\]\.(\w+)=(.*)", re.DOTALL)
+
+
+def _set_rule_setting(config, match: re.Match[str]) -> None:
+    """``--config.rules[i][1].ARG=VALUE``: one optimizer argument of partition rule ``i``.
+
+    A rule's settings are a plain dict inside a tuple, where config_flags can change
+    a key but not add one; any argument of an optimizer may be set here, and the
+    trainer checks it against the rule's optimizer.
+    """
+    prefix, index, arg, text = match.groups()
+    node = config
+    for part in filter(None, prefix.split(".")):
+        node = node[part] if part in node else None
+        if node is None:
+            raise UserError(f"unknown config key {prefix + 'rules'!r}")
+    key = f"{prefix}rules[{index}][1].{arg}"
+    rules = node.get("rules", ())
+    if int(index) >= len(rules):
+        raise UserError(f"config key {key!r}: config.{prefix}rules has {len(rules)} rules")
+    settings = rules[int(index)][1]
+    if settings is None:
+        raise UserError(f"config key {key!r}: rule {index} freezes, so it has no optimizer")
+    if arg not in settings and arg not in optimizer_keys():
+        raise UserError(
+            f"unknown config key {key!r}; rules[{index}][1] takes the keys of an optimizer: "
+            f"{', '.join(sorted(optimizer_keys()))}"
+        )
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        value = text  # a bare word: a string, as config_flags reads it
+    settings[arg] = value
+
+
 def override(config, overrides: Sequence[str]):
     """``config`` with the ``--config.KEY=VALUE`` overrides applied by config_flags."""
     from absl import flags
     from ml_collections import config_flags
 
+    rest, rule_settings = [], []
     for item in overrides:
         if not item.startswith("--config."):
             raise UserError(
                 f"unknown flag {item.split('=')[0]!r} (overrides are --config.KEY=VALUE)"
             )
+        match = _RULE_SETTING.fullmatch(item)
+        if match:
+            rule_settings.append(match)  # after the others, which may set config.rules
+            continue
         check_key(config, item.removeprefix("--config.").split("=")[0])
+        rest.append(item)
+    overrides = rest
     argv = ["jft", *overrides]
     fv = flags.FlagValues()
     try:
@@ -156,6 +199,8 @@ def override(config, overrides: Sequence[str]):
         if not isinstance(e, flags.Error):  # absl's message names the flag already
             msg = f"bad override in {' '.join(overrides)}: {msg}"
         raise UserError(msg) from e
+    for match in rule_settings:
+        _set_rule_setting(fv.config, match)
     return fv.config
 
 

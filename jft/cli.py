@@ -17,6 +17,7 @@ a recipe is :mod:`jft._recipes`, and the error mapping is :mod:`jft._cli_errors`
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import sys
 
@@ -109,9 +110,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    import re
-
-    from jft import weights
+    from jft import partition, weights
     from jft.train import checkpoint
     from jft.train.logging import format_table
 
@@ -130,13 +129,13 @@ def _inspect(args: argparse.Namespace) -> int:
         from jft.train import config as config_lib
 
         config, _ = load_config(args.config, args.overrides)
-        frozen = [re.compile(r) for r in config_lib.resolve(config).frozen]
+        frozen = partition.is_frozen(config_lib.build_rules(config_lib.resolve(config)))
 
     def status(name: str) -> str:
         for prefix in ("params/", "trainable/", "frozen/"):
             if name.startswith(prefix):
                 bare = name.removeprefix(prefix)
-                return "frozen" if any(p.fullmatch(bare) for p in frozen) else "trainable"
+                return "frozen" if frozen(bare) else "trainable"
         return "-"
 
     rows, total, counts = [], 0, {"frozen": 0, "trainable": 0, "-": 0}
@@ -159,23 +158,46 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _config(args: argparse.Namespace) -> int:
-    """Prints every key of the recipe's run config, defaults included, as ``key = value``."""
+    """Prints every key of the recipe's run config as ``key = value``, defaults included.
+
+    A value that differs from its default says so (``# default: ...``); the chosen
+    optimizer's arguments are all shown, with the rule's own defaults.
+    """
     import ml_collections
 
     config, _ = load_config(args.recipe, args.overrides)
     if config.get("program"):  # a study with its own keys (quadratic): nothing to lay over
-        resolved = config
-    elif config.get("stages"):
-        resolved = ml_collections.ConfigDict({"stages": tuple(config.stages)})
+        for key, value in _flatten(config):
+            print(f"{key} = {value!r}")
+        return 0
+    if config.get("stages"):
+        runs = []
         for stage in config.stages:
             if stage not in config:
                 raise UserError(f"config.stages names {stage!r}, but config.{stage} is missing")
-            resolved[stage] = _resolve_to_show(config[stage])
+            runs.append((f"{stage}.", _resolve_to_show(config[stage])))
+        print(f"stages = {tuple(config.stages)!r}")
     else:
-        resolved = _resolve_to_show(config)
-    for key, value in _flatten(resolved):
-        print(f"{key} = {value!r}")
+        runs = [("", _resolve_to_show(config))]
+    from jft.train import config as config_lib
+
+    defaults = dict(_flatten(config_lib.default_config()))
+    for prefix, run in runs:
+        own = config_lib.optimizer_arguments(run.optimizer.name)
+        with run.unlocked():
+            for arg, default in own.items():
+                if arg not in run.optimizer and default is not inspect.Parameter.empty:
+                    run.optimizer[arg] = default
+        for key, value in _flatten(run):
+            default = defaults.get(key, own.get(key.removeprefix("optimizer."), _NONE))
+            if isinstance(value, ml_collections.ConfigDict):
+                value = value.to_dict()
+            note = "" if default is _NONE or default == value else f"  # default: {default!r}"
+            print(f"{prefix}{key} = {value!r}{note}")
     return 0
+
+
+_NONE = object()
 
 
 def _resolve_to_show(run):

@@ -4,7 +4,8 @@ A *rule* is a pair ``(regex, optimizer_or_None)``. The regex is matched with
 ``re.fullmatch`` against each parameter's ``/``-joined path
 (``backbone/layer1_0/conv1/kernel``); the first matching rule wins; ``None``
 freezes the parameter. Every parameter must match a rule and every rule must
-match a parameter, or a one-line :class:`PartitionError` says which did not.
+match a parameter, or a one-line :class:`PartitionError` says which did not; a
+last rule ``".*"`` is a default for whatever is left and may find nothing left.
 
 Frozen parameters cost nothing: :func:`split` separates them from the trainable
 ones, :func:`optimizer` holds state for trainable leaves only, and the train
@@ -152,6 +153,8 @@ def _rule_index(paths: Sequence[str], rules: Rules, *, check_dead: bool) -> dict
             'add a rule for them (e.g. (".*", None) last to freeze the rest)'
         )
     dead = [rules[i][0] for i, u in enumerate(used) if not u]
+    if dead and dead[-1] == ".*" and rules[-1][0] == ".*":
+        dead.pop()  # the default for the rest: a model may have no rest
     if check_dead and dead:
         raise PartitionError(
             f"rule(s) match no parameter (a typo, or shadowed by an earlier rule): "

@@ -277,7 +277,7 @@ def test_command_override_sets_an_argument_the_recipe_does_not_name(tmp_path):
     override = ["--config.optimizer.name=heavy_ball", "--config.optimizer.momentum=0.5"]
     out, _ = _cli("config", "digits_mlp", *override)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "optimizer.momentum = 0.5" in out.stdout.splitlines()
+    assert "optimizer.momentum = 0.5  # default: 0.9" in out.stdout.splitlines()
 
 
 def test_init_weights_with_nan_are_refused_naming_tensor_and_file(tmp_path):

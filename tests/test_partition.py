@@ -49,6 +49,15 @@ def test_fullmatch_not_search():
         partition.labels(make_params(), [("head", None), ("backbone/.*", None)])
 
 
+def test_a_last_catch_all_may_claim_nothing():
+    # A default for the rest (what a config adds after its rules) is no typo.
+    rules = [("backbone/.*", None), ("head/.*", optax.sgd(1.0)), (".*", optax.sgd(0.1))]
+    trainable, frozen = partition.split(make_params(), rules)
+    assert list(trainable) == ["head"] and list(frozen) == ["backbone"]
+    with pytest.raises(PartitionError, match=r"match no parameter.*'\.\*'"):
+        partition.split(make_params(), [*rules[:2], (".*", None), ("head/x", None)])
+
+
 @pytest.mark.parametrize(
     "rules, message",
     [

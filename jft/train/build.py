@@ -7,13 +7,14 @@ Each builder turns a library error (an unknown rule, a bad argument) into a
 from __future__ import annotations
 
 import inspect
+import math
 import re
 from typing import Any
 
 import ml_collections
 import optax
 
-from jft import models, optim, peft
+from jft import layerwise, models, optim, partition, peft
 from jft.train.defaults import ConfigError
 from jft.weights.pretrained import model_from_folder
 
@@ -24,6 +25,7 @@ __all__ = [
     "init_skip",
     "learning_rate",
     "lora_config",
+    "optimizer_arguments",
     "optimizer_keys",
 ]
 
@@ -52,6 +54,10 @@ def _schedule(config: ml_collections.ConfigDict, lr: float) -> optax.ScalarOrSch
     )
 
 
+def _finite_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _rules() -> list[str]:
     """The update rules ``optimizer.name`` may name (jft.optim's standalone optimizers)."""
     return [
@@ -74,43 +80,96 @@ def optimizer_keys() -> frozenset[str]:
     return frozenset(keys)
 
 
-def build_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    """The trainable parameters' optimizer: ``jft.optim.<name>`` with the schedule and clipping.
+def _settings(config: ml_collections.ConfigDict, group: Any) -> dict[str, tuple[Any, str]]:
+    """A group's optimizer settings as ``{argument: (value, config key)}``.
 
-    Raises:
-      ConfigError: an unknown optimizer or argument.
+    ``group`` is ``(config key, settings dict)`` of a rule (``None`` for
+    ``config.optimizer`` itself); it inherits ``config.optimizer``'s keys unless it
+    names another optimizer.
     """
-    kwargs = dict(config.optimizer)
-    name = kwargs.pop("name")
-    factory = getattr(optim, name, None)
+    base = {k: (v, f"optimizer.{k}") for k, v in config.optimizer.items()}
+    if group is None:
+        return base
+    prefix, settings = group
+    own = {k: (v, f"{prefix}.{k}") for k, v in dict(settings).items()}
+    if "name" in own and own["name"][0] != config.optimizer.name:
+        return own
+    return {**base, **own}
+
+
+def _optimizer(
+    config: ml_collections.ConfigDict, group: Any = None
+) -> optax.GradientTransformation:
+    """``jft.optim.<name>(**arguments)`` of one group, its learning rate on the schedule."""
+    settings = _settings(config, group)
+    where = {k: key for k, (_, key) in settings.items()}
+    kwargs = {k: v for k, (v, _) in settings.items()}
+    name = kwargs.pop("name", None)
+    factory = getattr(optim, str(name), None)
     standalone = _rules()
     if name not in standalone or not callable(factory):
-        known = standalone
-        raise ConfigError(f"unknown optimizer '{name}' (optimizer.name); known: {', '.join(known)}")
+        raise ConfigError(
+            f"unknown optimizer {name!r} ({where.get('name', 'optimizer.name')}); "
+            f"known: {', '.join(standalone)}"
+        )
     params = inspect.signature(factory).parameters
     lr_name = next(iter(params))
-    given = {k: k for k in kwargs}  # factory argument -> config key
     if "lr" in kwargs and lr_name != "lr":
         kwargs[lr_name] = kwargs.pop("lr")
-        given[lr_name] = given.pop("lr")
+        where[lr_name] = where.pop("lr")
     for key in kwargs:
         if key not in params:
+            group_key = where[key].rpartition(".")[0]
             raise ConfigError(
-                f"unknown config key 'optimizer.{key}' for {name}; it takes {', '.join(params)}"
+                f"unknown config key '{where[key]}' for {name}; {group_key} may set "
+                f"name, lr, {', '.join(p for p in params if p != lr_name)}"
             )
     if lr_name in kwargs:
-        kwargs[lr_name] = _schedule(config, float(kwargs[lr_name]))
+        lr = kwargs[lr_name]
+        # Checked here, not only by the rule: a schedule hides a bad peak from it.
+        if not (_finite_number(lr) and lr >= 0):
+            raise ConfigError(
+                f"config key '{where[lr_name]}' is {lr!r}; it must be a finite number >= 0 "
+                "(e.g. 1e-3)"
+            )
+        kwargs[lr_name] = _schedule(config, float(lr))
     try:
         tx = factory(**kwargs)
     except (TypeError, ValueError) as e:
         # The rule's own check names its argument ("momentum must be in [0, 1), got ...").
         msg = " ".join(str(e).split())
-        key = next((k for k in given if msg.startswith(k) or f"{k}=" in msg), None)
-        where = f"config key 'optimizer.{given[key]}'" if key else f"config.optimizer ({name})"
-        raise ConfigError(f"{where}: {msg}") from None
+        key = next((k for k in where if msg.startswith(k) or f"{k}=" in msg), None)
+        place = f"config key '{where[key]}'" if key else f"the {name} settings"
+        raise ConfigError(f"{place}: {msg}") from None
     if config.clip_grad_norm:
         tx = optax.chain(optax.clip_by_global_norm(config.clip_grad_norm), tx)
     return tx
+
+
+def optimizer_arguments(name: str) -> dict[str, Any]:
+    """The arguments of ``jft.optim.<name>`` with their defaults; the learning rate is ``lr``.
+
+    An argument without a default maps to ``inspect.Parameter.empty``.
+
+    Raises:
+      ConfigError: ``name`` is not an optimizer.
+    """
+    if name not in _rules():
+        raise ConfigError(f"unknown optimizer {name!r}; known: {', '.join(_rules())}")
+    params = list(inspect.signature(getattr(optim, name)).parameters.values())
+    return {"lr" if i == 0 else p.name: p.default for i, p in enumerate(params)}
+
+
+def build_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """The trainable parameters' optimizer: ``jft.optim.<name>`` with the schedule and clipping.
+
+    This is ``config.optimizer``; a rule of ``config.rules`` builds its own from
+    its settings over these.
+
+    Raises:
+      ConfigError: an unknown optimizer or argument.
+    """
+    return _optimizer(config)
 
 
 def learning_rate(config: ml_collections.ConfigDict) -> optax.ScalarOrSchedule:
@@ -119,18 +178,65 @@ def learning_rate(config: ml_collections.ConfigDict) -> optax.ScalarOrSchedule:
     return None if lr is None else _schedule(config, float(lr))
 
 
-def build_rules(config: ml_collections.ConfigDict) -> list[tuple[str, Any]]:
-    """Partition rules: ``(regex, None)`` for each of ``config.frozen``, then everything else.
+def _layerwise(config: ml_collections.ConfigDict, frozen: list[str]) -> list[tuple[str, Any]]:
+    """The rules of ``config.layerwise_lr``: the blocks top down, the embeddings, the rest."""
+    lw = config.layerwise_lr
+    lr_key = "learning_rate" if "learning_rate" in config.optimizer else "lr"
+    base_lr = config.optimizer.get(lr_key)
+    if base_lr is None:
+        raise ConfigError(
+            f"config key 'layerwise_lr.decay' is {lw.decay}, but {config.optimizer.name} has no "
+            "learning rate in config.optimizer to decay; set optimizer.lr"
+        )
 
-    With LoRA (``config.lora.targets``), everything else is the adapters and
-    ``lora.modules_to_save``, and the rest of the model is frozen.
+    def make(lr: float) -> optax.GradientTransformation:
+        return _optimizer(config, ("layerwise_lr", {lr_key: lr}))
+
+    try:
+        rules = layerwise.layerwise_lr_rules(
+            lw.num_layers,
+            float(base_lr),
+            lw.decay,
+            make,
+            frozen=frozen,
+            layer_prefix=lw.layer_prefix,
+            embeddings=lw.embeddings or None,
+        )
+    except partition.PartitionError as e:
+        raise ConfigError(f"config key 'layerwise_lr': {e}") from None
+    return rules[len(frozen) :]
+
+
+def build_rules(config: ml_collections.ConfigDict) -> list[tuple[str, Any]]:
+    """The :mod:`jft.partition` rules of a config, first match wins.
+
+    In order: ``(regex, None)`` for each of ``config.frozen``; ``config.rules``,
+    each ``(regex, settings)`` with its own optimizer (``settings`` over
+    ``config.optimizer``) or ``(regex, None)``, frozen; with
+    ``config.layerwise_lr.decay < 1``, the transformer blocks from the top down at
+    decaying rates and the embeddings; and ``(".*", config.optimizer)`` for the
+    rest, unless ``config.rules`` ends with ``".*"`` itself.
+
+    With LoRA (``config.lora.targets``), everything but the frozen parameters is
+    the adapters and ``lora.modules_to_save``, and the rest of the model is frozen.
+
+    Raises:
+      ConfigError: an unknown optimizer or argument, naming its config key.
     """
-    tx = build_optimizer(config)
     frozen = [(r, None) for r in config.frozen]
     if lora_config(config) is not None:
         also = [f"{re.escape(m)}/.*" for m in config.lora.modules_to_save]
-        return frozen + peft.adapter_rules(tx, also=also)
-    return frozen + [(".*", tx)]
+        return frozen + peft.adapter_rules(build_optimizer(config), also=also)
+    explicit = [
+        (regex, None if settings is None else _optimizer(config, (f"rules[{i}][1]", settings)))
+        for i, (regex, settings) in enumerate(config.rules)
+    ]
+    if config.layerwise_lr.decay != 1:
+        off = [r for r, tx in frozen + explicit if tx is None]
+        return frozen + explicit + _layerwise(config, off)
+    if explicit and explicit[-1][0] == ".*":
+        return frozen + explicit
+    return frozen + explicit + [(".*", build_optimizer(config))]
 
 
 def lora_config(config: ml_collections.ConfigDict) -> peft.LoraConfig | None:

@@ -6,6 +6,8 @@ and refuses keys that do not exist, so a typo (``optimizer.lrr``) is a one-line
 :class:`ConfigError` rather than a silently ignored setting. ``model`` and
 ``optimizer`` are open: their keys besides ``name`` are the keyword arguments of
 ``jft.models.get(name, ...)`` and ``jft.optim.<name>(...)``, checked when built.
+``frozen``, ``rules`` and ``layerwise_lr`` give the :mod:`jft.partition` rules:
+which parameters train with which optimizer settings (:func:`build_rules`).
 
 A config with ``stages`` is a pipeline: ``stages`` names sub-configs that run in
 order, each into ``workdir/<stage>``, and a stage may start from an earlier one
@@ -31,6 +33,7 @@ from jft.train.build import (
     init_skip,
     learning_rate,
     lora_config,
+    optimizer_arguments,
     optimizer_keys,
 )
 from jft.train.defaults import EVAL_METRICS, OPEN_GROUPS, ConfigError, default_config
@@ -47,6 +50,7 @@ __all__ = [
     "init_skip",
     "learning_rate",
     "lora_config",
+    "optimizer_arguments",
     "optimizer_keys",
     "resolve",
     "validate",
@@ -58,9 +62,8 @@ def _check_keys(given: Mapping[str, Any], default: Mapping[str, Any], prefix: st
     for key, value in given.items():
         name = f"{prefix}{key}"
         if key not in default:
-            close = [k for k in default if k.startswith(key[:3])]
-            hint = f" (did you mean {', '.join(close)}?)" if close else ""
-            raise ConfigError(f"unknown config key '{name}'{hint}")
+            where = f"{prefix[:-1]} has" if prefix else "the config has"
+            raise ConfigError(f"unknown config key '{name}'; {where}: {', '.join(default)}")
         if name in OPEN_GROUPS:
             continue
         if isinstance(default[key], Mapping) and not isinstance(value, Mapping):
@@ -77,6 +80,25 @@ def _plain(config: Any) -> Any:
     return config
 
 
+def _rules(value: Any) -> tuple[tuple[str, Any], ...]:
+    """``config.rules`` as a tuple of ``(regex, settings dict or None)`` (JSON gives lists)."""
+    if not isinstance(value, list | tuple):
+        raise ConfigError(
+            f"config key 'rules' is {value!r}; it must be a tuple of (regex, settings) pairs, "
+            'e.g. (("head/.*", {"lr": 1e-2}),)'
+        )
+    out = []
+    for i, rule in enumerate(value):
+        ok = isinstance(rule, list | tuple) and len(rule) == 2 and isinstance(rule[0], str)
+        if not ok or not (rule[1] is None or isinstance(rule[1], Mapping)):
+            raise ConfigError(
+                f"config key 'rules[{i}]' is {rule!r}; it must be a (regex, settings) pair, "
+                "settings a dict of optimizer keys or None to freeze"
+            )
+        out.append((rule[0], None if rule[1] is None else _plain(rule[1])))
+    return tuple(out)
+
+
 def resolve(config: Mapping[str, Any] | ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """``config`` laid over :func:`default_config`: every key present, none unknown.
 
@@ -90,6 +112,8 @@ def resolve(config: Mapping[str, Any] | ml_collections.ConfigDict) -> ml_collect
     for key in OPEN_GROUPS:
         if key in given:
             out[key] = ml_collections.ConfigDict(given.pop(key))
+    if "rules" in given:
+        out.rules = _rules(given.pop("rules"))
     try:
         out.update(given)
     except (TypeError, ValueError) as e:

@@ -53,7 +53,19 @@ def default_config() -> ml_collections.ConfigDict:
 
     # Optimizer
     c.optimizer = ml_collections.ConfigDict({"name": "adam", "lr": 1e-3})
-    c.frozen = ()  # regexes of frozen parameters, e.g. ("backbone/.*",)
+    c.frozen = ()  # regexes of frozen parameters, e.g. ("backbone/.*",); matched first
+    # Partition rules after `frozen`, first match wins: (regex, settings) pairs, settings a dict
+    # over config.optimizer's keys (any argument of its rule) or None to freeze; what no rule
+    # claims trains with config.optimizer. E.g. (("head/.*", {"lr": 1e-2}),
+    # (".*(bias|scale)", {"weight_decay": 0.0})).
+    c.rules = ()
+    # Layer-wise LR decay (jft.layerwise): block i of num_layers trains at
+    # lr * decay ** (num_layers - i), the embeddings at lr * decay ** (num_layers + 1).
+    c.layerwise_lr = ml_collections.ConfigDict()
+    c.layerwise_lr.decay = 1.0  # 1.0: off
+    c.layerwise_lr.num_layers = 0  # the model's transformer blocks (6 for MiniLM-L6)
+    c.layerwise_lr.layer_prefix = "backbone/encoder/layer_"
+    c.layerwise_lr.embeddings = "backbone/embeddings/.*"  # "": none
     # LoRA (jft.peft): on when lora.targets names modules; then only the adapters and
     # lora.modules_to_save train, and the rest is a frozen base.
     c.lora = ml_collections.ConfigDict()

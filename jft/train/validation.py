@@ -15,9 +15,9 @@ from typing import Any
 
 import ml_collections
 
-from jft import data
+from jft import data, partition
 from jft.train import losses
-from jft.train.build import build_optimizer, lora_config
+from jft.train.build import build_rules, lora_config
 from jft.train.defaults import EVAL_METRICS, ConfigError
 
 __all__ = ["check_run", "validate"]
@@ -75,14 +75,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
             f"data.batch_size={d['batch_size']}; choose a divisor of the batch size"
         )
     _check_loss(c)
-    _check_lr(c)
-    build_optimizer(c)
     lora_config(c)  # a LoraError names the lora.* key
-    for regex in c.frozen:
-        try:
-            re.compile(regex)
-        except (re.error, TypeError) as e:
-            raise ConfigError(f"config key 'frozen' has an invalid regex {regex!r}: {e}") from None
+    _check_rules(c)
     best = c.checkpoint.best_metric
     if best and best not in EVAL_METRICS:
         raise ConfigError(
@@ -110,17 +104,44 @@ def _check_loss(c: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"config key 'loss': {e}") from None
 
 
-def _check_lr(c: ml_collections.ConfigDict) -> None:
-    # Checked here, not only by the rule: a schedule hides a bad peak from it.
-    for key in ("lr", "learning_rate"):
-        if key in c.optimizer:
-            lr = c.optimizer[key]
-            _need(
-                _finite_number(lr) and lr >= 0,
-                f"optimizer.{key}",
-                lr,
-                "a finite number >= 0 (e.g. 1e-3)",
-            )
+def _check_rules(c: ml_collections.ConfigDict) -> None:
+    """``frozen``, ``rules`` and ``layerwise_lr``: their regexes, values and optimizers."""
+    regexes = [("frozen", r) for r in c.frozen] + [
+        (f"rules[{i}]", r) for i, (r, _) in enumerate(c.rules)
+    ]
+    for key, regex in regexes:
+        try:
+            re.compile(regex)
+        except (re.error, TypeError) as e:
+            raise ConfigError(f"config key '{key}' has an invalid regex {regex!r}: {e}") from None
+    lw = c.layerwise_lr
+    _need(
+        _finite_number(lw.decay) and 0 < lw.decay <= 1,
+        "layerwise_lr.decay",
+        lw.decay,
+        "in (0, 1] (1: off)",
+    )
+    if lw.decay != 1:
+        _need(
+            isinstance(lw.num_layers, int) and lw.num_layers >= 1,
+            "layerwise_lr.num_layers",
+            lw.num_layers,
+            "the model's number of transformer blocks (>= 1) when layerwise_lr.decay < 1",
+        )
+    lora = lora_config(c) is not None
+    if lora and (c.rules or lw.decay != 1):
+        raise ConfigError(
+            "config keys 'rules' and 'layerwise_lr' do not combine with LoRA (lora.targets), "
+            "which trains the adapters and lora.modules_to_save with config.optimizer"
+        )
+    rules = build_rules(c)  # builds every group's optimizer, so its own checks run
+    groups = [regex for regex, tx in rules if tx is not None]
+    if c.clip_grad_norm and len(groups) > 1 and not lora:
+        raise ConfigError(
+            f"config key 'clip_grad_norm' is {c.clip_grad_norm}, but the rules train "
+            f"{len(groups)} groups with optimizers of their own, each of which would clip by "
+            "its own norm, not the global one; set clip_grad_norm=0.0 or train one group"
+        )
 
 
 def check_run(config: ml_collections.ConfigDict, info: Any, model: Any, workdir: str) -> None:
@@ -148,8 +169,8 @@ def check_run(config: ml_collections.ConfigDict, info: Any, model: Any, workdir:
             f"config key 'checkpoint.best_metric' is 'eval/top_5', but {info.name} has "
             f"{info.num_classes} classes, so the evaluation does not report it; use eval/accuracy"
         )
-    if config.frozen:
-        _check_frozen(config, info, model)
+    if config.frozen or config.rules or config.layerwise_lr.decay != 1:
+        _check_rules_fit(config, info, model)
     steps = _checkpoint_steps(os.path.join(workdir, "checkpoints"))
     if steps and steps[-1] > config.num_steps:
         raise ConfigError(
@@ -190,7 +211,8 @@ def _checkpoint_steps(directory: str) -> list[int]:
     return sorted(int(d) for d in names if d.isdigit() and os.path.isdir(f"{directory}/{d}"))
 
 
-def _check_frozen(config: ml_collections.ConfigDict, info: Any, model: Any) -> None:
+def _check_rules_fit(config: ml_collections.ConfigDict, info: Any, model: Any) -> None:
+    """The partition rules against the model's parameter paths (traced, never compiled)."""
     import jax
     import numpy as np
     from flax import traverse_util
@@ -220,3 +242,23 @@ def _check_frozen(config: ml_collections.ConfigDict, info: Any, model: Any) -> N
             f"config key 'frozen' = {tuple(config.frozen)} freezes all {len(paths)} parameters "
             f"of {config.model.name}: nothing left to train; narrow it (e.g. 'backbone/.*')"
         )
+    if lora_config(config) is not None:
+        return  # LoRA's adapters come with its own rules
+    lw = config.layerwise_lr
+    if lw.decay != 1:
+        blocks = re.compile(re.escape(lw.layer_prefix) + r"(\d+)/")
+        found = {m.group(1) for p in paths if (m := blocks.match(p))}
+        if len(found) != lw.num_layers:
+            raise ConfigError(
+                f"config key 'layerwise_lr.num_layers' is {lw.num_layers}, but "
+                f"{config.model.name} has {len(found)} blocks under "
+                f"layerwise_lr.layer_prefix={lw.layer_prefix!r}; set it to {len(found)}"
+                + ("" if found else " or fix the prefix")
+            )
+    try:
+        partition.labels(dict(shapes.get("params", {})), build_rules(config))
+    except partition.PartitionError as e:
+        raise ConfigError(
+            f"the partition rules (config keys frozen, rules, layerwise_lr) do not fit "
+            f"{config.model.name}: {e}"
+        ) from None
