@@ -6,6 +6,7 @@ models, as Hugging Face folders; the references are transformers itself (chat
 rendering, assistant masks, the causal-LM loss with a block-diagonal 4-D mask).
 """
 
+import importlib
 import json
 import os
 import re
@@ -239,12 +240,10 @@ def _torch_loss(ref: torch.nn.Module, batch) -> float:
     return float(out.loss)
 
 
-def _recipe(files, mode: str = "full"):
-    """configs/llama_sft.py:<mode> on the tiny folder and file, resolved as jft train does."""
-    from jft.configs import llama_sft
-
-    config = llama_sft.get_config(mode)
-    config.init.path = files["llama"][0]
+def _recipe(files, mode: str = "full", family: str = "llama"):
+    """configs/<family>_sft.py:<mode> on the tiny folder and file, resolved as jft train does."""
+    config = importlib.import_module(f"jft.configs.{family}_sft").get_config(mode)
+    config.init.path = files[family][0]
     config.data.path = files["jsonl"]
     config.data.max_length, config.data.batch_size = MAX_LENGTH, 2
     config.data.train_split, config.data.eval_split = "train", "train[:2]"
@@ -271,21 +270,28 @@ def test_sft_step_loss_equals_transformers(files):
     assert abs(float(metrics["loss"]) - _torch_loss(files["llama"][1], batch)) < TOL
 
 
-@pytest.mark.parametrize("mode", ["lora", "frozen"])
-def test_recipe_modes_train_their_parts(files, mode):
+@pytest.mark.parametrize(
+    ("family", "mode", "want"),
+    [
+        ("llama", "lora", r"backbone/layers_\d/attention/(q|v)_proj/lora_\w+"),
+        ("gpt2", "lora", r"backbone/layers_\d/attn/c_attn/lora_\w+"),
+        ("llama", "frozen", r"backbone/embed_tokens/embedding"),
+        ("gpt2", "frozen", r"backbone/(wte|wpe)/embedding"),
+    ],
+    ids=["llama-lora", "gpt2-lora", "llama-frozen", "gpt2-frozen"],
+)
+def test_recipe_modes_train_their_parts(files, family, mode, want):
     """LoRA trains q/v adapters only, frozen leaves the embeddings out (shapes, no compile)."""
-    config = _recipe(files, mode)
+    config = _recipe(files, mode, family)
     model = config_lib.build_model(config, 0)
     ids = np.ones((1, 8), np.int32)
     variables = jax.eval_shape(lambda: model.init(jax.random.key(0), ids, ids))
     trainable, frozen = jft.partition.split(variables["params"], config_lib.build_rules(config))
     train = set(flax.traverse_util.flatten_dict(trainable, sep="/"))
     fixed = set(flax.traverse_util.flatten_dict(frozen, sep="/"))
-    if mode == "lora":
-        assert train and all(re.search(r"attention/(q|v)_proj/lora_", p) for p in train), train
-        assert "backbone/layers_0/attention/q_proj/kernel" in fixed
-    else:
-        assert fixed == {"backbone/embed_tokens/embedding"} and len(train) > 10
+    lora, base = (train, fixed) if mode == "lora" else (fixed, train)
+    assert lora and all(re.fullmatch(want, p) for p in lora), lora
+    assert len(base) > 10 and not any(re.fullmatch(want, p) for p in base)
 
 
 @pytest.mark.parametrize(
