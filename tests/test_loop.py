@@ -165,3 +165,13 @@ def test_a_program_entry_point_must_name_a_function(program, needle, tmp_path):
     with pytest.raises(jft.train.ConfigError, match=needle):
         jft.train.train_and_evaluate({"program": program}, workdir)
     assert not workdir.exists()
+
+
+def test_parallel_mode_is_checked_once_with_the_config():
+    # jft.train.parallel.check, called by the config: one line, before anything is written.
+    for overrides, needle in (
+        ({"parallel": "ddp"}, "parallel must be one of"),
+        ({"parallel": "pmap", "fsdp": True}, "fsdp=True needs parallel='jit'"),
+    ):
+        with pytest.raises(jft.train.ConfigError, match=needle):
+            jft.train.train_and_evaluate(_config(**overrides), "/nonexistent/never/written")
