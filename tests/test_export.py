@@ -45,6 +45,7 @@ from flax import traverse_util
 
 import jft.models
 import jft.weights
+from jft.errors import JftError
 from jft.models.bert import BertOutput
 from jft.weights import WeightsError, from_pretrained
 
@@ -665,7 +666,7 @@ def lora_decoder_run(workdir, model, variables, folder):
     return lora_model, steps
 
 
-def test_lora_decoder_run_merged_to_hf(decoders, tmp_path, monkeypatch, capsys):
+def test_lora_decoder_run_merged_to_hf(decoders, tmp_path, monkeypatch):
     """``jft export RUN DEST --format hf --merge --best``: transformers loads the full model
     and computes what the jft model with its adapters computes; mistakes are one line."""
     from jft.cli import main
@@ -693,22 +694,22 @@ def test_lora_decoder_run_merged_to_hf(decoders, tmp_path, monkeypatch, capsys):
     for name, value in want.items():
         np.testing.assert_array_equal(got[name], np.asarray(value), err_msg=name)
 
+    # Mistakes (the command prints each as one line with exit 2: test_cli_export).
     mistakes = [
-        ([run, "x", "--format", "hf"], "the run trains LoRA adapters; pass --merge"),
-        ([run, "x", "--format", "hf", "--merge", "--best", "--step", "2"], "not both"),
-        ([folder, "x", "--format", "hf", "--merge"], "give a workdir"),
-        ([folder, "x.safetensors", "--format", "timm"], "does not export to format 'timm'"),
-        ([run, dest, "--format", "hf", "--merge"], "already exists; pass --overwrite"),
+        ((run, "x", "hf"), {}, "the run trains LoRA adapters; pass --merge"),
+        ((run, "x", "hf"), dict(merge=True, best=True, step=2), "not both"),
+        ((folder, "x", "hf"), dict(merge=True), "give a workdir"),
+        ((folder, "x.safetensors", "timm"), {}, "does not export to format 'timm'"),
+        ((run, dest, "hf"), dict(merge=True), "already exists; pass --overwrite"),
     ]
     os.remove(os.path.join(run, "metrics.jsonl"))
-    mistakes.append(([run, "x", "--format", "hf", "--merge", "--best"], "no saved step (1, 2)"))
+    mistakes.append(((run, "x", "hf"), dict(merge=True, best=True), "no saved step (1, 2)"))
     monkeypatch.chdir(tmp_path)  # the relative DEST "x" would land here
-    capsys.readouterr()
     before = sorted(os.listdir(tmp_path))
-    for argv, needle in mistakes:
-        assert main(["export", *argv]) == 2, argv
-        err = capsys.readouterr().err.strip()
-        assert needle in err and len(err.splitlines()) == 1, err
+    for (src, dst, fmt), kwargs, needle in mistakes:
+        with pytest.raises(JftError) as e:
+            jft.train.export(src, dst, format=fmt, **kwargs)
+        assert needle in str(e.value) and "\n" not in str(e.value), str(e.value)
     assert sorted(os.listdir(tmp_path)) == before
 
 
