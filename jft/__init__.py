@@ -13,11 +13,21 @@ from typing import TYPE_CHECKING
 from jft import errors
 
 if TYPE_CHECKING:  # what the lazy __getattr__ below returns, for type checkers and IDEs
-    from jft import data, models, ops, optim, partition, peft, train, weights
+    from jft import checkpoint, data, models, ops, optim, partition, peft, train, weights
 
 __version__ = "0.1.0"
 
-_SUBPACKAGES = ("data", "models", "ops", "optim", "partition", "peft", "train", "weights")
+_SUBPACKAGES = (
+    "checkpoint",
+    "data",
+    "models",
+    "ops",
+    "optim",
+    "partition",
+    "peft",
+    "train",
+    "weights",
+)
 
 __all__ = ["__version__", "errors", *_SUBPACKAGES]
 

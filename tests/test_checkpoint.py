@@ -132,7 +132,7 @@ def test_latest_complete_checkpoint_is_never_deleted_early(tmp_path):
 
     def watch():
         while not stop.is_set():
-            seen.append(tuple(ckpt_lib._step_dirs(str(tmp_path))))
+            seen.append(tuple(jft.checkpoint.step_dirs(str(tmp_path))))
 
     watcher = threading.Thread(target=watch)
     watcher.start()
@@ -392,3 +392,107 @@ def _paths(tree):
     return {
         "/".join(str(k.key) for k in p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]
     }
+
+
+# -- adapter-only checkpoints of a LoRA run (issue 17) ---------------------------------------
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory):
+    """A tiny BERT with LoRA on query/value, its base saved as an orbax folder, a jitted step,
+    and an adapter-only checkpoint at step 2 of a 4-step run."""
+    from jft.peft import LoraConfig
+    from tests.helpers import QV, xent
+
+    tmp = tmp_path_factory.mktemp("lora")
+    bert = dict(vocab_size=100, hidden_size=32, num_layers=1, num_heads=4, intermediate_size=64)
+    model = jft.models.get("bert", num_classes=3, max_position_embeddings=16, **bert)
+    ids = jnp.asarray(np.random.default_rng(0).integers(1, 100, (4, 12)), jnp.int32)
+    base = jax.jit(model.init)(jax.random.key(0), ids)
+    jft.weights.save_checkpoint(tmp / "base", base)
+    lora = jft.peft.lora(model, LoraConfig(targets=(QV,), rank=4, alpha=8))
+    variables = jft.peft.init_adapters(lora, base, ids)
+    rules = jft.peft.adapter_rules(jft.optim.adam(1e-2), also=["head/.*"])
+    step = jft.train.make_train_step(lora, rules, xent, norms=False)
+    batches = [
+        {"input_ids": ids + i, "label": jnp.asarray([0, 1, 2, i % 3], jnp.int32)} for i in range(4)
+    ]
+
+    def template():
+        return create_train_state(jax.tree.map(jnp.array, variables), rules, rng=0)
+
+    state = template()
+    ck = Checkpointer(tmp / "run", every=2, async_save=False, frozen_base=str(tmp / "base"))
+    for i, batch in enumerate(batches, 1):
+        state, _ = step(state, batch)
+        _save(ck, i, state)
+        if i == 2:
+            at_2 = jax.tree.map(np.array, state)
+    ck.close()
+    with Checkpointer(tmp / "full", every=2, async_save=False) as full:
+        _save(full, 2, jax.tree.map(jnp.asarray, at_2))
+    return dict(
+        tmp=tmp, step=step, batches=batches, template=template, at_2=at_2, end=state, base=base
+    )
+
+
+def _size(folder):
+    return sum(
+        os.path.getsize(p) for p in glob.glob(f"{folder}/**", recursive=True) if os.path.isfile(p)
+    )
+
+
+def test_a_lora_checkpoint_holds_the_adapters_and_names_its_base(lora_run):
+    tmp, at_2 = lora_run["tmp"], lora_run["at_2"]
+    meta = ckpt_lib.read_metadata(tmp / "run", step=2)
+    assert meta.arrays and not [p for p in meta.arrays if p.startswith("frozen/")]
+    assert any("lora_B" in p for p in meta.arrays) and any(
+        p.startswith("opt_state/") for p in meta.arrays
+    )
+    assert meta.base["path"] == str(tmp / "base") and len(meta.base["hash"]) == 8
+    assert set(meta.base["arrays"]) == set(ckpt_lib.checksums(at_2.frozen))
+    full = ckpt_lib.read_metadata(tmp / "full", step=2)
+    assert full.base is None and any(p.startswith("frozen/") for p in full.arrays)
+    lora_bytes, full_bytes = _size(tmp / "run" / "2"), _size(tmp / "full" / "2")
+    print(
+        f"\ncheckpoint of a 1-layer BERT-32, LoRA r=4 on q/v: {lora_bytes} B, full {full_bytes} B"
+    )
+    assert lora_bytes < 0.7 * full_bytes
+
+
+def test_a_lora_run_resumes_exactly_onto_its_base(lora_run):
+    ck = Checkpointer(lora_run["tmp"] / "run", every=2, frozen_base=str(lora_run["tmp"] / "base"))
+    template = lora_run["template"]()
+    restored = ck.restore(template, step=2)
+    ck.close()
+    _assert_equal(restored.state, lora_run["at_2"])
+    assert restored.state.frozen is template.frozen and restored.base["hash"]
+    state = restored.state
+    for batch in lora_run["batches"][2:]:
+        state, _ = lora_run["step"](state, batch)
+    _assert_equal(state, lora_run["end"])  # stop at 2, resume, steps 3 and 4: the same bits
+
+
+def test_a_lora_checkpoint_refuses_another_base_naming_both(lora_run):
+    template = lora_run["template"]()
+    other = template.replace(frozen=jax.tree.map(lambda x: x + 1, template.frozen))
+    directory = lora_run["tmp"] / "run"
+    before = _listing(directory)
+    with pytest.raises(CheckpointError) as e:
+        Checkpointer(directory, every=2, frozen_base="/elsewhere/bert").restore(other)
+    msg = str(e.value)
+    assert "\n" not in msg and str(lora_run["tmp"] / "base") in msg and "/elsewhere/bert" in msg
+    ours = jft.checkpoint.base.describe("", other.frozen)["hash"]
+    assert ckpt_lib.read_metadata(directory).base["hash"] in msg and ours in msg
+    assert _listing(directory) == before
+
+
+def test_reading_a_lora_run_fills_the_base_in_from_its_path(lora_run):
+    from flax import traverse_util
+
+    end = lora_run["end"]
+    flat = jft.weights.read(lora_run["tmp"] / "run")
+    want = traverse_util.flatten_dict({"params": end.params}, sep="/")
+    assert sorted(flat) == sorted(want)
+    for k, v in want.items():
+        np.testing.assert_array_equal(flat[k], np.asarray(v), err_msg=k)

@@ -247,3 +247,98 @@ def test_read_takes_an_orbax_folder_of_variables(tmp_path):
     flat = jft.weights.read(tmp_path / "v")
     assert sorted(flat) == ["batch_stats/backbone/bn1/mean", "params/head/kernel"]
     np.testing.assert_array_equal(flat["params/head/kernel"], variables["params"]["head"]["kernel"])
+
+
+def test_read_takes_a_run_and_a_step_folder_as_the_state_holds_them(tmp_path):
+    from flax import traverse_util
+
+    from jft.train import Checkpointer, create_train_state
+
+    model = jft.models.get("cnn", widths=(4, 8), num_classes=3)
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))
+    rules = [("head/.*", jft.optim.adam(1e-3)), (".*", None)]  # a frozen trunk: merged back
+    first = create_train_state(variables, rules, rng=0)
+    second = first.replace(trainable=jax.tree.map(lambda x: x + 1, first.trainable))
+    with Checkpointer(tmp_path / "checkpoints", every=1, async_save=False) as ck:
+        for step, state in ((1, first), (2, second)):
+            ck.save(step, state, data_state={}, config={})
+
+    def flat(state):
+        out = {"params": state.params, "batch_stats": state.batch_stats}
+        return {k: np.asarray(v) for k, v in traverse_util.flatten_dict(out, sep="/").items()}
+
+    for path, state in (
+        (tmp_path, second),  # the workdir: its latest step
+        (tmp_path / "checkpoints", second),
+        (tmp_path / "checkpoints" / "1", first),  # one step's folder
+    ):
+        got, want = jft.weights.read(path), flat(state)
+        assert sorted(got) == sorted(want) and "params/head/kernel" in got, path
+        for k in want:
+            np.testing.assert_array_equal(got[k], want[k], err_msg=f"{path}: {k}")
+    assert not np.array_equal(flat(first)["params/head/kernel"], flat(second)["params/head/kernel"])
+
+
+def _module_imports(root):
+    """jft module -> the jft modules it imports anywhere, inside functions too.
+
+    A function-local import does not make a cycle go away, it only hides it
+    (STYLE.md); imports under ``if TYPE_CHECKING`` are for type checkers only.
+    """
+    import ast
+    import pathlib
+
+    modules = {}
+    for path in pathlib.Path(root, "jft").rglob("*.py"):
+        parts = path.relative_to(root).with_suffix("").parts
+        modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph = {}
+    for name, path in modules.items():
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+                node.body = []
+        targets = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                targets.update(a.name for a in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                for a in node.names:
+                    sub = f"{node.module}.{a.name}"
+                    targets.add(sub if sub in modules else node.module)
+        # A module's own parent packages are mid-import when it runs: not an edge.
+        graph[name] = {
+            t for t in targets if t in modules and t != name and not name.startswith(t + ".")
+        }
+    return graph
+
+
+def test_no_import_cycle_among_jft_modules():
+    import pathlib
+
+    graph = _module_imports(pathlib.Path(__file__).resolve().parents[1])
+    assert "jft.checkpoint.manager" in graph["jft.checkpoint.variables"]
+    state, stack, cycles = {}, [], []
+
+    def walk(m):
+        state[m] = "open"
+        stack.append(m)
+        for t in sorted(graph[m]):
+            if state.get(t) == "open":
+                cycles.append(stack[stack.index(t) :] + [t])
+            elif t not in state:
+                walk(t)
+        stack.pop()
+        state[m] = "done"
+
+    for m in sorted(graph):
+        if m not in state:
+            walk(m)
+    assert not cycles, "import cycles: " + "; ".join(" -> ".join(c) for c in cycles)
+    # jft.weights reads runs through jft.checkpoint, which knows nothing of jft.weights or train.
+    assert not any(
+        t.startswith(("jft.weights", "jft.train"))
+        for m in graph
+        if m.startswith("jft.checkpoint")
+        for t in graph[m]
+    )

@@ -1,4 +1,4 @@
-"""Convert a weights file to a Flax checkpoint (orbax), and load one back."""
+"""Convert a weights file to a Flax checkpoint (an orbax folder of variables), and load one back."""
 
 from __future__ import annotations
 
@@ -13,39 +13,19 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from jft.weights import keymaps
-from jft.weights.readers import read
+from jft.checkpoint import save_variables
+from jft.weights.readers import read, read_checkpoint
 from jft.weights.restore import (
     RestoreReport,
     WeightsError,
     check_finite,
     check_layout,
+    infer_arch,
     keymap,
     restore,
 )
 
-
-def infer_arch(flat: Mapping[str, np.ndarray]) -> str:
-    """The registered key map that takes the most arrays of ``flat``.
-
-    Raises:
-      WeightsError: no key map takes any of them.
-    """
-    best, best_n = None, 0
-    for arch in keymaps.names():
-        try:
-            mapped, _ = keymaps.get(arch)(flat)
-        except Exception:  # a key map written for another layout may choke: skip it
-            continue
-        if len(mapped) > best_n:
-            best, best_n = arch, len(mapped)
-    if best is None:
-        sample = ", ".join(list(flat)[:3])
-        raise WeightsError(
-            f"no key map recognizes these weights (e.g. {sample}); known archs: "
-            f"{', '.join(keymaps.names())}"
-        )
-    return best
+__all__ = ["check_destination", "convert", "infer_arch", "load_checkpoint", "save_checkpoint"]
 
 
 def convert(
@@ -143,34 +123,14 @@ def check_destination(path: str | os.PathLike) -> None:
 
 def save_checkpoint(path: str | os.PathLike, variables: Mapping[str, Any]) -> None:
     """Writes ``variables`` (a pytree of arrays) with orbax; ``path`` must not exist."""
-    import orbax.checkpoint as ocp
-
     path = os.path.abspath(os.fspath(path))
     check_destination(path)
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(path, dict(variables))
-        ckptr.wait_until_finished()
+    save_variables(path, variables)
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Reads a checkpoint written by :func:`convert` or :func:`save_checkpoint`.
-
-    Returns:
-      The variables, as a nested dict of arrays (``{"params": ..., "batch_stats": ...}``).
+    """Reads the variables of an orbax folder of variables (:func:`convert`,
+    :func:`save_checkpoint`), a run or one of its steps, as nested dicts of arrays
+    (``{"params": ..., "batch_stats": ...}``); see :func:`jft.weights.read`.
     """
-    import orbax.checkpoint as ocp
-
-    path = os.path.abspath(os.fspath(path))
-    if not os.path.isdir(path):
-        raise WeightsError(f"{path}: no such checkpoint folder")
-    with ocp.StandardCheckpointer() as ckptr:
-        meta = ckptr.metadata(path)
-        tree = getattr(meta, "item_metadata", meta)
-        target = jax.tree.map(
-            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=_one_device()), tree
-        )
-        return ckptr.restore(path, target)
-
-
-def _one_device() -> jax.sharding.Sharding:
-    return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return traverse_util.unflatten_dict(read_checkpoint(path), sep="/")

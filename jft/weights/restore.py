@@ -12,12 +12,8 @@ import numpy as np
 from flax import traverse_util
 from flax.core import unfreeze
 
-from jft.errors import JftError
 from jft.weights import keymaps
-
-
-class WeightsError(JftError, ValueError):
-    """A weights file does not fit the model; the message says where and how."""
+from jft.weights.errors import WeightsError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +66,29 @@ def keymap(arch: str) -> keymaps.KeyMap:
         return keymaps.get(arch)
     except ValueError as e:
         raise WeightsError(f"{e} (init.arch, or --arch of jft convert)") from None
+
+
+def infer_arch(flat: Mapping[str, np.ndarray]) -> str:
+    """The registered key map that takes the most arrays of ``flat``.
+
+    Raises:
+      WeightsError: no key map takes any of them.
+    """
+    best, best_n = None, 0
+    for arch in keymaps.names():
+        try:
+            mapped, _ = keymaps.get(arch)(flat)
+        except Exception:  # a key map written for another layout may choke: skip it
+            continue
+        if len(mapped) > best_n:
+            best, best_n = arch, len(mapped)
+    if best is None:
+        sample = ", ".join(list(flat)[:3])
+        raise WeightsError(
+            f"no key map recognizes these weights (e.g. {sample}); known archs: "
+            f"{', '.join(keymaps.names())}"
+        )
+    return best
 
 
 def check_layout(flat: Mapping[str, Any], arch: str, source: str | None = None) -> None:

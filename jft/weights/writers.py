@@ -20,7 +20,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from jft.weights.readers import _SAFETENSORS_DTYPES
+from jft.weights.safetensors_file import SAFETENSORS_DTYPES
 
 __all__ = [
     "DTYPES",
@@ -36,7 +36,7 @@ __all__ = [
     "write_torch",
 ]
 
-_CODES = {dtype: code for code, dtype in _SAFETENSORS_DTYPES.items()}
+_CODES = {dtype: code for code, dtype in SAFETENSORS_DTYPES.items()}
 DTYPES = {
     "float32": np.dtype(np.float32),
     "float16": np.dtype(np.float16),
