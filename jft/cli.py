@@ -73,14 +73,11 @@ def _eval(args: argparse.Namespace) -> int:
 def _convert(args: argparse.Namespace) -> int:
     from jft import models, weights
 
-    # Checked here, before the file is read: the library's own check is a ValueError.
-    if args.arch and args.arch not in weights.keymaps.names():
-        known = ", ".join(weights.keymaps.names())
-        raise UserError(f"unknown --arch {args.arch!r}; known archs: {known}")
-    if args.model and args.model not in models.names():
-        raise UserError(
-            f"unknown --model {args.model!r}; known models: {', '.join(models.names())}"
-        )
+    # Checked here, before the file is read, naming the flag.
+    if args.arch:
+        weights.keymaps.KEYMAPS.get(args.arch, key="--arch", error=UserError)
+    if args.model:
+        models.MODELS.get(args.model, key="--model", error=UserError)
     report = weights.convert(
         args.src, args.dst, arch=args.arch or None, model=args.model or None, skip=args.skip
     )

@@ -26,6 +26,8 @@ from typing import Any, NamedTuple
 import jax.numpy as jnp
 import optax
 
+from jft._paths import filter_leaves as _filter
+from jft._paths import flatten as _flatten
 from jft.errors import JftError
 
 __all__ = [
@@ -56,36 +58,6 @@ class PartitionError(JftError, ValueError):
 
 
 # --------------------------------------------------------------------------- paths
-
-
-def _flatten(tree: Params, prefix: str = "") -> dict[str, Any]:
-    """``{"a/b/c": leaf}`` for a nested mapping; anything not a mapping is a leaf.
-
-    flax.traverse_util.flatten_dict does the same, but importing any of flax loads
-    flax.linen, and ``import jft.partition`` stays as light as ``import optax``.
-    Empty subtrees have no leaves, so they vanish (as in flax).
-    """
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            out.update(_flatten(value, f"{prefix}{key}/"))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
-def _filter(tree: Params, keep: Callable[[str], bool], prefix: str = "") -> dict[str, Any]:
-    """The nested dict of the leaves whose path ``keep`` accepts, empty subtrees pruned."""
-    out = {}
-    for key, value in tree.items():
-        path = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            sub = _filter(value, keep, path + "/")
-            if sub:
-                out[key] = sub
-        elif keep(path):
-            out[key] = value
-    return out
 
 
 def _map(fn: Callable[[str, Any], Any], tree: Params, prefix: str = "") -> dict[str, Any]:

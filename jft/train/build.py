@@ -9,16 +9,19 @@ from __future__ import annotations
 import inspect
 import math
 import re
+from collections.abc import Callable
 from typing import Any
 
 import ml_collections
 import optax
 
 from jft import layerwise, models, optim, partition, peft
+from jft._registry import Registry
 from jft.train.defaults import ConfigError
 from jft.weights.pretrained import model_from_folder
 
 __all__ = [
+    "OPTIMIZERS",
     "build_model",
     "build_optimizer",
     "build_rules",
@@ -58,13 +61,20 @@ def _finite_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _rules() -> list[str]:
-    """The update rules ``optimizer.name`` may name (jft.optim's standalone optimizers)."""
-    return [
-        n
+OPTIMIZERS: Registry[Callable[..., optax.GradientTransformation]] = Registry(
+    "optimizer",
+    {
+        n: getattr(optim, n)
         for n in optim.__all__
         if n[0].islower() and not n.startswith("scale_by") and n != "reduce_on_plateau"
-    ]
+    },
+)
+"""The update rules ``optimizer.name`` may name: jft.optim's standalone optimizers."""
+
+
+def _rules() -> list[str]:
+    """The names :data:`OPTIMIZERS` knows."""
+    return OPTIMIZERS.names()
 
 
 def optimizer_keys() -> frozenset[str]:
@@ -105,13 +115,7 @@ def _optimizer(
     where = {k: key for k, (_, key) in settings.items()}
     kwargs = {k: v for k, (v, _) in settings.items()}
     name = kwargs.pop("name", None)
-    factory = getattr(optim, str(name), None)
-    standalone = _rules()
-    if name not in standalone or not callable(factory):
-        raise ConfigError(
-            f"unknown optimizer {name!r} ({where.get('name', 'optimizer.name')}); "
-            f"known: {', '.join(standalone)}"
-        )
+    factory = OPTIMIZERS.get(name, key=where.get("name", "optimizer.name"), error=ConfigError)
     params = inspect.signature(factory).parameters
     lr_name = next(iter(params))
     if "lr" in kwargs and lr_name != "lr":
@@ -154,9 +158,7 @@ def optimizer_arguments(name: str) -> dict[str, Any]:
     Raises:
       ConfigError: ``name`` is not an optimizer.
     """
-    if name not in _rules():
-        raise ConfigError(f"unknown optimizer {name!r}; known: {', '.join(_rules())}")
-    params = list(inspect.signature(getattr(optim, name)).parameters.values())
+    params = list(inspect.signature(OPTIMIZERS.get(name, error=ConfigError)).parameters.values())
     return {"lr" if i == 0 else p.name: p.default for i, p in enumerate(params)}
 
 

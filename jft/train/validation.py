@@ -87,10 +87,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 def _check_loss(c: ml_collections.ConfigDict) -> None:
     kwargs = {k: v for k, v in c.loss.items() if k != "name"}
-    if c.loss.name not in losses.names():
-        raise ConfigError(
-            f"config key 'loss.name' is {c.loss.name!r}; known: {', '.join(losses.names())}"
-        )
+    losses.LOSSES.get(c.loss.name, key="config key 'loss.name'", error=ConfigError)
     smoothing = kwargs.get("label_smoothing", 0.0)
     _need(
         _finite_number(smoothing) and 0 <= smoothing < 1,
