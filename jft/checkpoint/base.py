@@ -18,6 +18,8 @@ import numpy as np
 from jft.checkpoint import checksums as sums_lib
 from jft.checkpoint.layout import CheckpointError
 
+__all__ = ["ITEM", "describe", "mismatch", "without_base"]
+
 ITEM = "base"
 
 

@@ -18,6 +18,18 @@ import numpy as np
 
 from jft.checkpoint.layout import CheckpointError
 
+__all__ = [
+    "DATA_STATE_KEY",
+    "PARAM_GROUPS",
+    "checksums",
+    "flat_with_paths",
+    "json_checksum",
+    "jsonable",
+    "refuse_nonfinite",
+    "summary",
+    "verify",
+]
+
 # The groups of a state that hold parameters and statistics: a NaN or Inf there is
 # poison. (An optimizer state may hold Inf on purpose: reduce_on_plateau's best value.)
 PARAM_GROUPS = ("trainable", "frozen", "batch_stats", "params")

@@ -14,6 +14,8 @@ import os
 import sys
 from typing import Any
 
+__all__ = ["is_io_error", "none_restored", "quiet_orbax", "reason", "why_written_failed"]
+
 
 def _debug() -> bool:
     return os.environ.get("JFT_DEBUG", "") not in ("", "0")

@@ -15,6 +15,8 @@ import numpy as np
 
 from jft.checkpoint.checksums import flat_with_paths
 
+__all__ = ["MAX_LISTED", "abstract", "arrays_of", "as_stored", "mismatch", "pmap_hint", "problems"]
+
 MAX_LISTED = 4
 
 

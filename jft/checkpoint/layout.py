@@ -23,6 +23,19 @@ from typing import Any
 
 from jft.errors import JftError
 
+__all__ = [
+    "ITEMS",
+    "CheckpointError",
+    "checkpoint_dir",
+    "is_checkpoint_dir",
+    "is_orbax_tree",
+    "locate",
+    "read_json",
+    "resolve_step",
+    "step_dirs",
+    "step_folder",
+]
+
 ITEMS = ("state", "data_state", "config", "checksums")
 
 

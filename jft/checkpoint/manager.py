@@ -40,6 +40,8 @@ from jft.checkpoint.failures import (
 )
 from jft.checkpoint.layout import ITEMS, CheckpointError, read_json, step_dirs
 
+__all__ = ["Checkpointer", "Restored"]
+
 log = logging.getLogger(__name__)
 
 _CORRUPT_PREFIX = "corrupt_step_"

@@ -18,6 +18,8 @@ from jft.checkpoint.layout import (
     step_dirs,
 )
 
+__all__ = ["CheckpointMetadata", "read_config", "read_metadata"]
+
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointMetadata:

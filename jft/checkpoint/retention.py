@@ -11,6 +11,8 @@ import numpy as np
 
 from jft.checkpoint.layout import read_json
 
+__all__ = ["best_step", "metrics", "options"]
+
 
 def options(ckpt: Any, write: bool) -> Any:
     """The orbax ``CheckpointManagerOptions`` of a :class:`jft.checkpoint.Checkpointer`.

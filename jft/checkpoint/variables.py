@@ -22,6 +22,8 @@ from jft.checkpoint.fit import as_stored
 from jft.checkpoint.layout import CheckpointError, locate
 from jft.checkpoint.manager import Checkpointer
 
+__all__ = ["read_variables", "save_variables"]
+
 
 def save_variables(path: str | os.PathLike, variables: Mapping[str, Any]) -> None:
     """Writes ``variables`` (a pytree of arrays) as an orbax folder; ``path`` must not exist."""

@@ -6,6 +6,8 @@ import os
 
 from jft.errors import JftError
 
+__all__ = ["WeightsError", "fail", "first_line"]
+
 
 class WeightsError(JftError, ValueError):
     """A weights file does not fit the model; the message says where and how."""

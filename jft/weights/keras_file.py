@@ -11,6 +11,8 @@ import numpy as np
 
 from jft.weights.errors import fail, first_line
 
+__all__ = ["H5_SUFFIXES", "read_keras"]
+
 H5_SUFFIXES = (".h5", ".hdf5", ".keras")
 
 

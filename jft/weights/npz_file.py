@@ -10,6 +10,8 @@ import numpy as np
 
 from jft.weights.errors import fail, first_line
 
+__all__ = ["read_npz"]
+
 
 def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Reads a ``.npz`` file (``allow_pickle=False``)."""

@@ -21,6 +21,8 @@ from jft.weights.readers import folder_file, read
 from jft.weights.restore import RestoreReport, WeightsError, restore
 from jft.weights.sharding import FSDP, place, rule_shardings
 
+__all__ = ["from_pretrained", "model_from_folder"]
+
 Dtype = Any
 _log = logging.getLogger(__name__)
 

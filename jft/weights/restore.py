@@ -15,6 +15,8 @@ from flax.core import unfreeze
 from jft.weights import keymaps
 from jft.weights.errors import WeightsError
 
+__all__ = ["RestoreReport", "check_finite", "check_layout", "infer_arch", "keymap", "restore"]
+
 
 @dataclasses.dataclass(frozen=True)
 class RestoreReport:

@@ -13,6 +13,8 @@ import numpy as np
 
 from jft.weights.errors import WeightsError, fail
 
+__all__ = ["SAFETENSORS_DTYPES", "read_safetensors"]
+
 SAFETENSORS_DTYPES = {
     "F64": np.dtype(np.float64),
     "F32": np.dtype(np.float32),

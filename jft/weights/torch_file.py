@@ -23,6 +23,8 @@ import numpy as np
 
 from jft.weights.errors import fail, first_line
 
+__all__ = ["TORCH_SUFFIXES", "read_torch"]
+
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 
 # Wrappers of a state dict in training checkpoints, tried in this order.
