@@ -19,8 +19,12 @@ Run (a few minutes on 2 CPU cores):
     jft train --config configs/minilm_lora.py:full --workdir runs/minilm_full
     python benchmarks/lora_accuracy.py     # all four, one after another: table and plot
 
-Result: see the table in README.md (section LoRA), made by
-``benchmarks/lora_accuracy.py``.
+Result (2 CPU cores shared with other jobs; ``benchmarks/lora_accuracy.py
+--steps 30 --eval "test[:300]"``): after 30 steps of 16 tweets, LoRA reaches
+test accuracy 0.557 (macro F1 0.388; the majority class is 0.417) training
+74,883 of 22.6M parameters (0.33 %). Head-only, full fine-tuning and scratch
+at that budget did not finish on that machine in the time we had; the recipe's
+100 steps are not measured yet. See the LoRA section of README.md.
 """
 
 import importlib.resources
