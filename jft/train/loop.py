@@ -107,6 +107,7 @@ def _checkpointer(config: ml_collections.ConfigDict, workdir: str) -> ckpt_lib.C
         best_metric=config.checkpoint.best_metric or None,
         best_mode=config.checkpoint.best_mode,
         async_save=config.checkpoint.async_save,
+        frozen_base=resume.frozen_base(config),
     )
 
 

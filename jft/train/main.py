@@ -23,7 +23,7 @@ import ml_collections
 
 from jft.train import checkpoint as ckpt_lib
 from jft.train import config as config_lib
-from jft.train import loop, stages
+from jft.train import loop, resume, stages
 from jft.train.experiment import Experiment
 from jft.train.parallel import Parallel
 
@@ -101,8 +101,8 @@ def evaluate(workdir: str | os.PathLike, *, step: int | None = None) -> dict[str
     """
     directory = ckpt_lib.checkpoint_dir(workdir)
     exp = Experiment.build(config_lib.resolve(ckpt_lib.read_config(directory, step=step)))
-    ck = ckpt_lib.Checkpointer(directory, every=0)
-    restored = ck.restore(exp.state(exp.init_variables()), step=step)
+    ck = ckpt_lib.Checkpointer(directory, every=0, frozen_base=resume.frozen_base(exp.config))
+    restored = ck.restore(exp.state(resume.initial_variables(exp)), step=step)
     ck.close()
     par = Parallel("none")
     out = exp.evaluate(exp.eval_step(par), restored.state, par)

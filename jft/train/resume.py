@@ -3,11 +3,15 @@
 The workdir's own latest checkpoint (a restarted run); else ``config.resume``
 (continue another run's checkpoint here); else the pretrained init
 (``config.init.path``); else scratch.
+
+A LoRA run's checkpoints hold the adapters, not the frozen base
+(:mod:`jft.checkpoint.base`): they restore onto the pretrained base, loaded first.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any
 
 import jax
@@ -18,7 +22,7 @@ from jft.train import config as config_lib
 from jft.train.experiment import Experiment
 from jft.train.state import TrainState
 
-__all__ = ["Start", "start"]
+__all__ = ["Start", "frozen_base", "initial_variables", "start"]
 
 
 @dataclasses.dataclass
@@ -66,21 +70,39 @@ def _pretrained(variables: dict[str, Any], config: Any) -> dict[str, Any]:
     return variables
 
 
+def frozen_base(config: Any) -> str | None:
+    """The base a LoRA run's checkpoints name instead of holding it: ``config.init.path``
+    (``""`` for a random init); None when LoRA is off and checkpoints hold everything."""
+    if config_lib.lora_config(config) is None:
+        return None
+    return os.path.abspath(config.init.path) if config.init.path else ""
+
+
+def initial_variables(exp: Experiment) -> dict[str, Any]:
+    """The variables a run's state is built on: init, with the pretrained base of a LoRA run."""
+    variables = exp.init_variables()
+    if frozen_base(exp.config):  # an adapter-only checkpoint restores onto its base
+        variables = _pretrained(variables, exp.config)
+    return variables
+
+
 def start(exp: Experiment, ckpt: ckpt_lib.Checkpointer) -> Start:
     """The state ``exp``'s run starts from, in the resume order (see the module)."""
     config = exp.config
-    variables = exp.init_variables()
+    variables = initial_variables(exp)
     latest = ckpt.latest_step()
     if latest is not None:
         restored = ckpt.restore(exp.state(variables))
         origin = f"its checkpoint at step {latest}"
     elif config.resume:
-        other = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(config.resume), every=0)
+        other = ckpt_lib.Checkpointer(
+            ckpt_lib.checkpoint_dir(config.resume), every=0, frozen_base=frozen_base(config)
+        )
         restored = other.restore(exp.state(variables))
         other.close()
         origin = f"config.resume={config.resume}"
     elif config.init.path:
-        state = exp.state(_pretrained(variables, config))
+        state = exp.state(variables if frozen_base(config) else _pretrained(variables, config))
         return Start(state, 0, None, f"pretrained {config.init.path}")
     else:
         return Start(exp.state(variables), 0, None, "scratch")
