@@ -8,7 +8,10 @@ test marked ``@pytest.mark.devices(n)`` that needs more devices than there are
 is not run, with the reason. On the CPU no test is ever left out for it.
 """
 
+import atexit
 import os
+import shutil
+import tempfile
 
 import pytest
 
@@ -26,6 +29,17 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("KERAS_BACKEND", "jax")
+# XLA's compiled programs go to an on-disk cache for this session (one per xdist
+# worker), shared with the `jft train` processes the tests start: many tests compile
+# the same program (a recipe's step, a model's forward), and a hit skips XLA's work.
+# A hit is the program compiled before, so no number depends on it. The size cap turns
+# on jax's file lock, so two processes compiling at once do not read a half-written entry.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _XLA_CACHE = tempfile.mkdtemp(prefix="jft-tests-xla-cache-")
+    atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _XLA_CACHE
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+    os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))
 
 import jax
 
