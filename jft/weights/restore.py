@@ -15,7 +15,15 @@ from flax.core import unfreeze
 from jft.weights import keymaps
 from jft.weights.errors import WeightsError
 
-__all__ = ["RestoreReport", "check_finite", "check_layout", "infer_arch", "keymap", "restore"]
+__all__ = [
+    "RestoreReport",
+    "WeightsError",
+    "check_finite",
+    "check_layout",
+    "infer_arch",
+    "keymap",
+    "restore",
+]
 
 
 @dataclasses.dataclass(frozen=True)
