@@ -28,7 +28,8 @@ non-finite guard stays on). Each time is the median over rounds of the mean
 step time of a block of steps, after warm-up; within a round the two jft
 steps run first, then torch, then the script sleeps 0.5 s (torch's OpenMP
 threads keep spinning after a step and would slow the next JAX call), so load
-from other processes on a shared machine falls on all alike. Target: jft's step time ≤ PyTorch's (ratio ≤ 1).
+from other processes on a shared machine falls on all alike. Target: jft's step
+time ≤ PyTorch's (ratio ≤ 1).
 
 Run: ``python benchmarks/train_step.py [--rounds N] [--models mlp,cnn,resnet18]``.
 """

@@ -13,7 +13,17 @@ from typing import TYPE_CHECKING
 from jft import errors
 
 if TYPE_CHECKING:  # what the lazy __getattr__ below returns, for type checkers and IDEs
-    from jft import checkpoint, data, models, ops, optim, partition, peft, train, weights
+    from jft import (  # noqa: F401  (listed in __all__ through _SUBPACKAGES)
+        checkpoint,
+        data,
+        models,
+        ops,
+        optim,
+        partition,
+        peft,
+        train,
+        weights,
+    )
 
 __version__ = "0.1.0"
 
