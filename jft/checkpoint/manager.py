@@ -18,7 +18,6 @@ arrays, and a restore puts the target's own base back after checking that hash.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import time
@@ -30,42 +29,17 @@ import jax
 
 from jft.checkpoint import base as base_lib
 from jft.checkpoint import checksums as sums_lib
-from jft.checkpoint import fit, retention
-from jft.checkpoint.failures import (
-    is_io_error,
-    none_restored,
-    quiet_orbax,
-    reason,
-    why_written_failed,
-)
-from jft.checkpoint.layout import ITEMS, CheckpointError, read_json, step_dirs
+from jft.checkpoint import restore as restore_lib
+from jft.checkpoint import retention
+from jft.checkpoint.failures import is_io_error, quiet_orbax, why_written_failed
+from jft.checkpoint.layout import ITEMS, CheckpointError, step_dirs
+from jft.checkpoint.restore import Restored
 
 __all__ = ["Checkpointer", "Restored"]
 
 log = logging.getLogger(__name__)
 
 _CORRUPT_PREFIX = "corrupt_step_"
-
-
-@dataclasses.dataclass(frozen=True)
-class Restored:
-    """What :meth:`Checkpointer.restore` returns.
-
-    Attributes:
-      state: the restored state, with the shapes, dtypes and shardings of the target.
-      data_state: the data iterator's state saved with it (``{}`` if none was).
-      config: the run's config saved with it, as a plain dict.
-      step: the checkpoint's step.
-      base: for an adapter-only step, its frozen base: ``{"path", "hash", "arrays"}``
-        (``arrays``: ``path -> [checksum, shape, dtype]`` of each array of
-        ``state.frozen``); None for a step that holds the whole state.
-    """
-
-    state: Any
-    data_state: dict[str, Any]
-    config: dict[str, Any]
-    step: int
-    base: dict[str, Any] | None = None
 
 
 class Checkpointer:
@@ -326,86 +300,8 @@ class Checkpointer:
             warning naming it and the reason, and the step before it is restored.
         """
         self.wait()
-        available = self.all_steps()
-        if step is not None:
-            if int(step) not in available:
-                raise CheckpointError(
-                    f"checkpoint {self.directory} has no step {step} "
-                    f"(it has {', '.join(map(str, available)) or 'none'})"
-                )
-            candidates = [int(step)]
-        else:
-            candidates = available[::-1]
-        if not candidates:
-            raise CheckpointError(f"checkpoint {self.directory}: no finished checkpoint to restore")
-        manager = self._mngr()
-        failures: list[tuple[int, str]] = []
-        # The newest step whose arrays differ from the model's: a different model, unless
-        # an older step fits (then that step's metadata is damaged).
-        mismatch: str | None = None
-        for s in candidates:
-            base = read_json(os.path.join(self.directory, str(s), base_lib.ITEM, "metadata"))
-            try:
-                meta = manager.item_metadata(s)["state"]
-                stored = fit.arrays_of(meta)
-                if not stored:
-                    raise ValueError("its array metadata is missing")
-            except Exception as e:  # orbax/tensorstore raise many types for bad files
-                failures.append((s, reason(e)))
-                continue
-            if target_state is None:
-                target = fit.as_stored(meta)
-            else:
-                target = fit.abstract(base_lib.without_base(target_state, base, self, s))
-                mismatch_here = fit.mismatch(
-                    self.directory, s, stored, sums_lib.flat_with_paths(target)
-                )
-                if mismatch_here is not None:
-                    mismatch = mismatch or mismatch_here
-                    failures.append((s, "its arrays differ from the older steps'"))
-                    continue
-            try:
-                # Variables alone (no target) need neither the data state nor the config.
-                items = ITEMS[1:] if target_state is not None else ("checksums",)
-                out = self._read_step(manager, s, target, items)
-                sums_lib.verify(out["state"], out["checksums"], out.get("data_state"))
-            except Exception as e:
-                failures.append((s, reason(e)))
-                continue
-            sums_lib.refuse_nonfinite(self.directory, s, out["state"], available)
-            self._report(failures, s)
-            state = out["state"]
-            if base is not None and target_state is not None:
-                state = state.replace(frozen=target_state.frozen)
-            data_state, config = out.get("data_state") or {}, out.get("config") or {}
-            return Restored(state, dict(data_state), dict(config), s, base)
-        if mismatch is not None:
-            raise CheckpointError(mismatch)
-        raise CheckpointError(none_restored(self.directory, failures))
-
-    def _read_step(
-        self, manager: Any, step: int, target: Any, items: tuple[str, ...]
-    ) -> dict[str, Any]:
-        import orbax.checkpoint as ocp
-
-        return manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(target),
-                **{name: ocp.args.JsonRestore() for name in items},
-            ),
+        restored, damaged = restore_lib.restore(
+            self, self._mngr, self.all_steps(), target_state, step
         )
-
-    def _report(self, failures: list[tuple[int, str]], restored: int) -> None:
-        # One warning line for the fallback, naming every step skipped and why.
-        if not failures:
-            return
-        self._corrupt.update(s for s, _ in failures)
-        (first, why), *more = failures
-        also = "".join(f", and so is step {s} ({r})" for s, r in more)
-        msg = (
-            f"checkpoint {self.directory} step {first} is damaged or incomplete ({why})"
-            f"{also}; restoring step {restored} instead"
-        )
-        log.warning(msg)
-        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+        self._corrupt.update(damaged)
+        return restored

@@ -6,30 +6,9 @@ checksums, the metadata ``jft inspect`` shows, and the model-free reading of a
 run's variables (:func:`read_params`, which is :func:`jft.weights.read_checkpoint`).
 """
 
-from jft.checkpoint import (
-    ITEMS,
-    Checkpointer,
-    CheckpointError,
-    CheckpointMetadata,
-    Restored,
-    checkpoint_dir,
-    is_checkpoint_dir,
-    read_config,
-    read_metadata,
-)
+import jft.checkpoint
+from jft.checkpoint import *  # noqa: F403 (the same names, listed once, in jft.checkpoint)
 from jft.checkpoint.checksums import checksums
 from jft.weights.readers import read_checkpoint as read_params
 
-__all__ = [
-    "ITEMS",
-    "CheckpointError",
-    "CheckpointMetadata",
-    "Checkpointer",
-    "Restored",
-    "checkpoint_dir",
-    "checksums",
-    "is_checkpoint_dir",
-    "read_config",
-    "read_metadata",
-    "read_params",
-]
+__all__ = [*jft.checkpoint.__all__, "checksums", "read_params"]
