@@ -9,6 +9,7 @@ import pytest
 from flax import traverse_util
 
 import jft.models
+import jft.weights.sharding
 from jft import train
 from jft.train import losses, parallel
 
@@ -97,7 +98,8 @@ def test_modes_agree_after_20_steps_with_batchnorm():
 
 
 def test_fsdp_shards_params_and_optimizer_state_and_agrees(monkeypatch):
-    monkeypatch.setattr(parallel, "FSDP_MIN_SIZE", 256)  # the small cnn's leaves are tiny
+    # The small cnn's leaves are tiny; the FSDP rule is jft.weights.sharding's.
+    monkeypatch.setattr(jft.weights.sharding, "FSDP_MIN_SIZE", 256)
     data = batches(5)
     # Adam, for its two sharded moments; eps=1e-3 bounds its sensitivity to the
     # rounding of the gradient (|d update / d g| <= lr/eps = 10, so ~1e-9 of

@@ -26,7 +26,6 @@ it); once sharded, the step sees the global batch::
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -36,6 +35,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from jft.train._jit import OptionsJit
+from jft.weights.sharding import FSDP_MIN_SIZE, fsdp_spec
 
 __all__ = [
     "AXIS",
@@ -52,9 +52,6 @@ __all__ = [
 
 AXIS = "data"
 """The data-parallel axis: the mesh axis of ``"jit"`` and the axis name of ``"pmap"``."""
-
-FSDP_MIN_SIZE = 2**14
-"""Leaves with fewer elements stay replicated under FSDP: sharding them saves little memory."""
 
 MODES = ("none", "jit", "pmap")
 """The parallel modes."""
@@ -82,29 +79,21 @@ def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
     return Mesh(np.asarray(devices), (AXIS,), axis_types=(AxisType.Auto,))
 
 
-def _fsdp_spec(shape: tuple[int, ...], n: int) -> PartitionSpec:
-    # Shard the largest dimension that the axis divides; small leaves stay whole.
-    if math.prod(shape) < FSDP_MIN_SIZE:
-        return PartitionSpec()
-    for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
-        if shape[dim] % n == 0:
-            return PartitionSpec(*([None] * dim), AXIS)
-    return PartitionSpec()
-
-
 def state_shardings(state: Any, mesh: Mesh, *, fsdp: bool = False) -> Any:
     """The :class:`NamedSharding` of each leaf of ``state`` under ``"jit"``.
 
     Replicated, or with ``fsdp`` the largest dimension that the mesh divides of
     each leaf with at least :data:`FSDP_MIN_SIZE` elements is sharded over the
     ``"data"`` axis (parameters and optimizer state alike: an Adam moment has
-    its parameter's shape, so it is sharded the same way). Shapes are all that
-    is read, so it works on arrays, tracers and ``jax.ShapeDtypeStruct``.
+    its parameter's shape, so it is sharded the same way). That rule is
+    :func:`jft.weights.sharding.fsdp_spec`, the one ``from_pretrained`` loads
+    into. Shapes are all that is read, so it works on arrays, tracers and
+    ``jax.ShapeDtypeStruct``.
     """
     n = mesh.shape[AXIS]
 
     def sharding(x):
-        spec = _fsdp_spec(tuple(x.shape), n) if fsdp else PartitionSpec()
+        spec = fsdp_spec(tuple(x.shape), n, AXIS) if fsdp else PartitionSpec()
         return NamedSharding(mesh, spec)
 
     return jax.tree.map(sharding, state)
