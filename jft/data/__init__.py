@@ -12,7 +12,7 @@ from jft.data.config import default_config
 from jft.data.digits import Digits
 from jft.data.errors import DataError
 from jft.data.image_folder import ImageFolder
-from jft.data.pipeline import DataInfo, Pipeline, get, info
+from jft.data.pipeline import DataInfo, Pipeline, get, info, preview
 from jft.data.preprocess import parse as parse_preprocess
 from jft.data.tweet_sentiment import TweetSentiment
 
@@ -27,4 +27,5 @@ __all__ = [
     "get",
     "info",
     "parse_preprocess",
+    "preview",
 ]

@@ -24,7 +24,7 @@ from jft.data import corpora, sft, sources
 from jft.data import preprocess as preprocess_lib
 from jft.data.errors import DataError
 
-__all__ = ["DataInfo", "Pipeline", "get", "info"]
+__all__ = ["DataInfo", "Pipeline", "get", "info", "preview"]
 
 _STATE_VERSION = 1
 
@@ -338,3 +338,40 @@ def info(cfg: Any) -> DataInfo:
             "give it two classes or more"
         )
     return DataInfo(dataset.name, num_classes, num_examples, features, names)
+
+
+def preview(cfg: Any) -> DataInfo | None:
+    """`info`'s ``features`` and ``num_classes`` from the builder's code, preparing nothing.
+
+    For the checks that must come before a data set is prepared (LoRA targets
+    against the model's parameters). One zero example of the declared features
+    goes through ``config.data.preprocess``; ``num_examples`` is empty. None when
+    the code does not fix the features: token rows, an image folder, a feature
+    of unknown shape.
+
+    Raises:
+      DataError: a bad ``config.data.preprocess`` (a missing tokenizer).
+    """
+    import tensorflow_datasets as tfds
+
+    cfg = config_lib.resolve(cfg)
+    builder = None if cfg["name"] in _TOKEN_ROWS else sources.described_builder(cfg)
+    if builder is None:
+        return None
+    columns: dict[str, Any] = {}
+    for key, feature in builder.info.features.items():
+        if isinstance(feature, tfds.features.Text):
+            columns[key] = np.array([b""], object)
+        elif isinstance(feature, tfds.features.Tensor | tfds.features.Image) and (
+            None not in feature.shape
+        ):
+            columns[key] = np.zeros((1, *feature.shape), feature.np_dtype)
+        else:
+            return None
+    ctx = preprocess_lib.Context(False, 0, np.zeros(1, np.int64))
+    example = preprocess_lib.apply(preprocess_lib.parse(cfg["preprocess"]), columns, ctx)
+    features = {k: (tuple(v.shape[1:]), v.dtype) for k, v in example.items()}
+    label = builder.info.features["label"] if "label" in builder.info.features else None
+    keep = cfg["keep_classes"]
+    num_classes = len(keep) if keep is not None else getattr(label, "num_classes", None)
+    return DataInfo(builder.name, num_classes, {}, features)

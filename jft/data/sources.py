@@ -31,6 +31,7 @@ __all__ = [
     "MemoryRecords",
     "SourceRecords",
     "data_dir",
+    "described_builder",
     "open_dataset",
 ]
 
@@ -346,6 +347,25 @@ def _check_online(name: str) -> None:
             f"internet (tfds build {name} --file_format array_record) and point "
             "config.data.data_dir (or $JFT_DATA_DIR) at the copy"
         )
+
+
+def described_builder(cfg: dict[str, Any]) -> Any | None:
+    """The tfds builder that ``config.data`` names, neither prepared nor read; None if unknown.
+
+    Its ``info.features`` are what the builder's code declares; an image folder's
+    sizes are known only once it is prepared, so it gives None.
+    """
+    name, ddir = cfg["name"], data_dir(cfg)
+    try:
+        if name == "digits":
+            return digits_lib.Digits(data_dir=ddir, file_format="array_record")
+        if name == "tweet_sentiment":
+            return tweet_sentiment_lib.TweetSentiment(data_dir=ddir, file_format="array_record")
+        if name == "image_folder":
+            return None
+        return tfds.builder(name, data_dir=ddir)
+    except Exception:  # open_dataset reports it, in one line
+        return None
 
 
 def open_dataset(cfg: dict[str, Any]) -> Dataset:

@@ -26,7 +26,7 @@ from jft.peft.config import (
     strip_adapters,
 )
 from jft.peft.hf import arch_of, load_adapter, save_adapter
-from jft.peft.lora import LoraModel, init_adapters, lora
+from jft.peft.lora import LoraModel, check_targets, init_adapters, lora
 from jft.peft.merge import delta, merge, reset_magnitudes, unmerge
 from jft.peft.summary import AdapterSummary, summarize, summarize_arrays
 
@@ -41,6 +41,7 @@ __all__ = [
     "adapter_rules",
     "adapters",
     "arch_of",
+    "check_targets",
     "delta",
     "init_adapters",
     "load_adapter",

@@ -40,7 +40,7 @@ import jax.numpy as jnp
 
 from jft.peft.config import LoraConfig, LoraError, adapters, resolve_targets
 
-__all__ = ["LoraModel", "init_adapters", "lora"]
+__all__ = ["LoraModel", "check_targets", "init_adapters", "lora"]
 
 _ADAPTABLE = (nn.Dense, nn.DenseGeneral, nn.Conv)
 
@@ -334,6 +334,21 @@ def init_adapters(
     out = dict(variables)
     out["params"] = _union(variables["params"], new)
     return out
+
+
+def check_targets(model: LoraModel, *args: Any, **kwargs: Any) -> Any:
+    """The shapes of ``model``'s variables, adapters included, traced and never compiled.
+
+    Initializes ``model`` under :func:`jax.eval_shape` on example inputs (``args``,
+    ``kwargs`` as for ``model.init``: a batch of one will do), so
+    a target that cannot be adapted is found before any weights, data or compiled
+    program exist, in the time it takes to trace the model once.
+
+    Raises:
+      LoraError: a target regex that matches no module, a matched module without a
+        kernel, or one that LoRA cannot adapt (a grouped Conv, a custom module).
+    """
+    return jax.eval_shape(lambda: model.init(jax.random.key(0), *args, **kwargs))
 
 
 def _union(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:

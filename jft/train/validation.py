@@ -14,11 +14,14 @@ import re
 from typing import Any
 
 import ml_collections
+import numpy as np
 
-from jft import data, partition
+from jft import data, partition, peft
+from jft.errors import JftError
 from jft.train import losses
-from jft.train.build import build_rules, lora_config
+from jft.train.build import build_model, build_rules, lora_config
 from jft.train.defaults import EVAL_METRICS, ConfigError
+from jft.train.inputs import inputs_for, model_args
 
 __all__ = ["check_run", "validate"]
 
@@ -38,7 +41,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     :func:`resolve` calls it, so a mistake is reported in the time it takes to
     import jft, before any data is prepared, anything is compiled or written.
     The optimizer, the schedule's learning rate and the loss are built here, so
-    their own checks run (``momentum=1.5``, ``b1=1.0``, an unknown loss).
+    their own checks run (``momentum=1.5``, ``b1=1.0``, an unknown loss). With
+    LoRA, its targets are traced against the model on the inputs that the data
+    set's code declares (:func:`jft.data.preview`), before the data are prepared.
 
     Raises:
       ConfigError: one line naming the key, its value and what it must be.
@@ -83,6 +88,26 @@ def validate(config: ml_collections.ConfigDict) -> None:
             f"config key 'checkpoint.best_metric' is {best!r}, which the evaluation does not "
             f"report; choose one of {', '.join(EVAL_METRICS)} (or '' for the latest)"
         )
+    if lora_config(c) is not None:
+        _check_lora_fit(c)
+
+
+def _check_lora_fit(c: ml_collections.ConfigDict) -> None:
+    """``lora.targets`` against the model, traced on the inputs the data's code declares.
+
+    Before the data set is prepared or the workdir made (:func:`jft.data.preview`);
+    where the features are not known yet, the run's own init finds a bad target.
+    """
+    try:
+        described = data.preview(c.data)
+        if described is None:
+            return
+        model = build_model(c, described.num_classes)
+    except JftError:
+        return  # reported, in one line, where the data set and the model are built
+    example = {k: np.zeros((1, *shape), dtype) for k, (shape, dtype) in described.features.items()}
+    args, kwargs = model_args(inputs_for(described.features), example)
+    peft.check_targets(model, *args, train=False, **kwargs)
 
 
 def _check_loss(c: ml_collections.ConfigDict) -> None:
