@@ -34,8 +34,11 @@ from jft.train.checkpoint import read_params
 
 CONFIGS_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
 # The SFT recipes need a model folder and a JSONL file: tests/test_sft.py runs them on tiny ones.
+# text_transfer's data are byte rows for a language model: tests/test_corpora.py runs its :tiny.
 RECIPES = sorted(
-    p for p in CONFIGS_DIR.glob("*.py") if not (p.stem.startswith("_") or p.stem.endswith("_sft"))
+    p
+    for p in CONFIGS_DIR.glob("*.py")
+    if not (p.stem.startswith("_") or p.stem.endswith("_sft") or p.stem == "text_transfer")
 )
 TEXT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
 DUMMY_WEIGHTS = "/nonexistent/pretrained-weights.pth"
