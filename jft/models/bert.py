@@ -19,6 +19,7 @@ holding ``last_hidden_state`` ``(B, T, H)`` and ``pooled`` ``(B, H)``.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -26,14 +27,14 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from jft.models.layers import activation
+from jft.models._transformer import Encoder, SelfAttention, attention_bias
+from jft.models.layers import activation, fields_for
 from jft.models.registry import register
 
 __all__ = [
     "Bert",
     "BertBackbone",
     "BertEmbeddings",
-    "BertEncoder",
     "BertLayer",
     "BertOutput",
     "SelfAttention",
@@ -73,58 +74,6 @@ def mean_pool(hidden: jax.Array, attention_mask: jax.Array) -> jax.Array:
     mask = attention_mask.astype(jnp.float32)[..., None]
     total = jnp.sum(hidden.astype(jnp.float32) * mask, axis=1)
     return total / jnp.clip(jnp.sum(mask, axis=1), 1e-9)
-
-
-def attention_bias(attention_mask: jax.Array) -> jax.Array:
-    """``(B, T)`` 1/0 mask -> ``(B, 1, 1, T)`` float32 additive bias: 0 to keep, a large negative.
-
-    Always float32, also when the model computes in bf16: the attention logits are
-    cast to float32 before the bias is added, so the softmax sees exact zeros for
-    padding and the unmasked logits keep their float32 value.
-    """
-    keep = attention_mask.astype(bool)[:, None, None, :]
-    return jnp.where(keep, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)
-
-
-class SelfAttention(nn.Module):
-    """Multi-head self-attention with separate query/key/value/output ``Dense`` layers.
-
-    Shared by BERT and ViT. The softmax runs in float32 whatever ``dtype`` is.
-    """
-
-    num_heads: int
-    dropout_rate: float = 0.0
-    use_bias: bool = True
-    dtype: Dtype = jnp.float32
-    kernel_init: Any = nn.initializers.truncated_normal(0.02)
-
-    @nn.compact
-    def __call__(self, x: jax.Array, bias: jax.Array | None = None, *, train: bool) -> jax.Array:
-        """``(B, T, D)`` -> ``(B, T, D)``; ``bias`` is added to the ``(B, heads, T, T)`` logits."""
-        b, t, d = x.shape
-        if d % self.num_heads:
-            raise ValueError(f"hidden size {d} is not divisible by num_heads={self.num_heads}")
-        head_dim = d // self.num_heads
-
-        def dense(name: str, use_bias: bool = self.use_bias) -> nn.Dense:
-            return nn.Dense(
-                d, use_bias=use_bias, dtype=self.dtype, kernel_init=self.kernel_init, name=name
-            )
-
-        def heads(y: jax.Array) -> jax.Array:
-            return y.reshape(b, t, self.num_heads, head_dim)
-
-        q = heads(dense("query")(x))
-        k = heads(dense("key")(x))
-        v = heads(dense("value")(x))
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(head_dim).astype(q.dtype)
-        logits = logits.astype(jnp.float32)
-        if bias is not None:
-            logits = logits + bias
-        probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-        probs = nn.Dropout(self.dropout_rate)(probs, deterministic=not train)
-        y = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, t, d)
-        return nn.Dense(d, dtype=self.dtype, kernel_init=self.kernel_init, name="output")(y)
 
 
 # Hugging Face's ``hidden_act`` names are the keys of the one activation table.
@@ -193,39 +142,12 @@ class BertEmbeddings(nn.Module):
         return nn.Dropout(self.dropout_rate)(x, deterministic=not train)
 
 
-class BertEncoder(nn.Module):
-    """The stack of :class:`BertLayer` modules, named ``layer_{i}``."""
-
-    num_layers: int
-    num_heads: int
-    intermediate_size: int
-    hidden_act: str = "gelu"
-    dropout_rate: float = 0.1
-    attention_dropout_rate: float = 0.1
-    layer_norm_eps: float = 1e-12
-    dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array, bias: jax.Array, *, train: bool) -> jax.Array:
-        """``(B, T, H)`` -> ``(B, T, H)``; ``bias`` from :func:`attention_bias`."""
-        for i in range(self.num_layers):
-            x = BertLayer(
-                self.num_heads,
-                self.intermediate_size,
-                self.hidden_act,
-                self.dropout_rate,
-                self.attention_dropout_rate,
-                self.layer_norm_eps,
-                self.dtype,
-                name=f"layer_{i}",
-            )(x, bias, train=train)
-        return x
-
-
 class BertBackbone(nn.Module):
-    """Embeddings, encoder and (optionally) HF's pooler: the ``backbone/`` of :class:`Bert`.
+    """Embeddings, encoder (``layer_{i}``) and pooling: the ``backbone/`` of :class:`Bert`.
 
-    Returns ``(last_hidden_state (B, T, H), pooler_output (B, H) or None)``.
+    Returns ``(last_hidden_state (B, T, H), pooled (B, H) float32)``; HF's pooler
+    (``backbone/pooler``) exists only with ``pooling="pooler"``. The attributes
+    are :class:`Bert`'s.
     """
 
     vocab_size: int = 30522
@@ -239,41 +161,31 @@ class BertBackbone(nn.Module):
     dropout_rate: float = 0.1
     attention_dropout_rate: float = 0.1
     layer_norm_eps: float = 1e-12
-    use_pooler: bool = False
+    pooling: str = "mean"
     dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, input_ids, attention_mask, token_type_ids, *, train: bool):
         """Ids, 1/0 mask and segment ids, all ``(B, T)``."""
-        x = BertEmbeddings(
-            self.vocab_size,
-            self.hidden_size,
-            self.max_position_embeddings,
-            self.type_vocab_size,
-            self.dropout_rate,
-            self.layer_norm_eps,
-            self.dtype,
-            name="embeddings",
-        )(input_ids, token_type_ids, train=train)
-        x = BertEncoder(
-            self.num_layers,
-            self.num_heads,
-            self.intermediate_size,
-            self.hidden_act,
-            self.dropout_rate,
-            self.attention_dropout_rate,
-            self.layer_norm_eps,
-            self.dtype,
-            name="encoder",
-        )(x, attention_bias(attention_mask), train=train)
-        if not self.use_pooler:
-            return x, None
+        if self.pooling not in _POOLINGS:
+            raise ValueError(f"unknown pooling {self.pooling!r}; use one of {_POOLINGS}")
+        x = BertEmbeddings(**fields_for(BertEmbeddings, self), name="embeddings")(
+            input_ids, token_type_ids, train=train
+        )
+        layer = functools.partial(BertLayer, **fields_for(BertLayer, self))
+        x = Encoder(layer, self.num_layers, name="encoder")(
+            x, attention_bias(attention_mask), train=train
+        )
+        if self.pooling == "mean":
+            return x, mean_pool(x, attention_mask)
+        if self.pooling == "cls":
+            return x, x[:, 0].astype(jnp.float32)
         init = nn.initializers.truncated_normal(0.02)
-        pooled = nn.Dense(self.hidden_size, dtype=self.dtype, kernel_init=init, name="pooler")
-        return x, jnp.tanh(pooled(x[:, 0]))
+        pooler = nn.Dense(self.hidden_size, dtype=self.dtype, kernel_init=init, name="pooler")
+        return x, jnp.tanh(pooler(x[:, 0])).astype(jnp.float32)
 
 
-class Bert(nn.Module):
+class Bert(BertBackbone):
     """A BERT-family encoder (BERT, MiniLM, sentence-transformers) with an optional head.
 
     Call ``model.apply(variables, input_ids=..., attention_mask=..., token_type_ids=...,
@@ -294,23 +206,10 @@ class Bert(nn.Module):
     """
 
     num_classes: int = 0
-    vocab_size: int = 30522
-    hidden_size: int = 768
-    num_layers: int = 12
-    num_heads: int = 12
-    intermediate_size: int = 3072
-    hidden_act: str = "gelu"
-    max_position_embeddings: int = 512
-    type_vocab_size: int = 2
-    dropout_rate: float = 0.1
-    attention_dropout_rate: float = 0.1
     classifier_dropout: float | None = None
-    layer_norm_eps: float = 1e-12
-    pooling: str = "mean"
-    dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(
+    def __call__(  # type: ignore[override]
         self,
         input_ids: jax.Array,
         attention_mask: jax.Array | None = None,
@@ -318,35 +217,14 @@ class Bert(nn.Module):
         train: bool = False,
     ) -> jax.Array | BertOutput:
         """Runs the encoder; see the class docstring for inputs and outputs."""
-        if self.pooling not in _POOLINGS:
-            raise ValueError(f"unknown pooling {self.pooling!r}; use one of {_POOLINGS}")
         input_ids = jnp.asarray(input_ids)
         if attention_mask is None:
             attention_mask = jnp.ones_like(input_ids)
         if token_type_ids is None:
             token_type_ids = jnp.zeros_like(input_ids)
-        hidden, pooler_output = BertBackbone(
-            self.vocab_size,
-            self.hidden_size,
-            self.num_layers,
-            self.num_heads,
-            self.intermediate_size,
-            self.hidden_act,
-            self.max_position_embeddings,
-            self.type_vocab_size,
-            self.dropout_rate,
-            self.attention_dropout_rate,
-            self.layer_norm_eps,
-            self.pooling == "pooler",
-            self.dtype,
-            name="backbone",
-        )(input_ids, attention_mask, token_type_ids, train=train)
-        if self.pooling == "mean":
-            pooled = mean_pool(hidden, attention_mask)
-        elif self.pooling == "cls":
-            pooled = hidden[:, 0].astype(jnp.float32)
-        else:
-            pooled = pooler_output.astype(jnp.float32)
+        hidden, pooled = BertBackbone(**fields_for(BertBackbone, self), name="backbone")(
+            input_ids, attention_mask, token_type_ids, train=train
+        )
         if self.num_classes == 0:
             return BertOutput(last_hidden_state=hidden, pooled=pooled)
         rate = self.dropout_rate if self.classifier_dropout is None else self.classifier_dropout

@@ -7,8 +7,10 @@ TPU, faster formulations on the CPU, equal values and gradients.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -27,6 +29,7 @@ __all__ = [
     "adaptive_avg_pool",
     "compiler_options",
     "conv_general_dilated",
+    "fields_for",
     "is_frozen",
     "max_pool",
     "torch_padding",
@@ -173,3 +176,13 @@ def torch_padding(kernel_size: int) -> tuple[tuple[int, int], tuple[int, int]]:
     """
     p = kernel_size // 2
     return ((p, p), (p, p))
+
+
+def fields_for(module: type[nn.Module], source: nn.Module, **overrides: Any) -> dict[str, Any]:
+    """``module``'s fields (all but ``parent`` and ``name``): ``overrides``, else ``source``'s.
+
+    A model passes its configuration down this way, by name, never copied by
+    position: ``BertLayer(**fields_for(BertLayer, self), name="layer_0")``.
+    """
+    names = [f.name for f in dataclasses.fields(module) if f.name not in ("parent", "name")]
+    return {n: overrides[n] if n in overrides else getattr(source, n) for n in names}

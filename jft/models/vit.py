@@ -20,6 +20,7 @@ returns all final-normed tokens ``(B, 1 + N, D)`` (HF's ``last_hidden_state``).
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -28,15 +29,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jft.models.bert import SelfAttention
-from jft.models.layers import activation
+from jft.models._transformer import Encoder, SelfAttention
+from jft.models.layers import activation, fields_for
 from jft.models.registry import register
 
 __all__ = [
     "ViT",
     "ViTBackbone",
     "ViTEmbeddings",
-    "ViTEncoder",
     "ViTLayer",
     "ViTMlp",
     "resize_pos_embed",
@@ -233,7 +233,10 @@ class ViTMlp(nn.Module):
 
 
 class ViTBackbone(nn.Module):
-    """Embeddings, encoder (``layer_{i}``) and final LayerNorm: ``backbone/`` of :class:`ViT`."""
+    """Embeddings, encoder (``layer_{i}``) and final LayerNorm: ``backbone/`` of :class:`ViT`.
+
+    NHWC images -> final-normed tokens ``(B, 1 + N, D)``. The attributes are :class:`ViT`'s.
+    """
 
     image_size: int | tuple[int, int] = 224
     patch_size: int = 16
@@ -263,53 +266,12 @@ class ViTBackbone(nn.Module):
             self.dtype,
             name="embeddings",
         )(jnp.asarray(x, self.dtype), train=train)
-        x = ViTEncoder(
-            self.num_layers,
-            self.num_heads,
-            self.mlp_dim,
-            self.hidden_act,
-            self.dropout_rate,
-            self.attention_dropout_rate,
-            self.layer_norm_eps,
-            self.qkv_bias,
-            self.dtype,
-            name="encoder",
-        )(x, train=train)
+        layer = functools.partial(ViTLayer, **fields_for(ViTLayer, self))
+        x = Encoder(layer, self.num_layers, name="encoder")(x, train=train)
         return nn.LayerNorm(self.layer_norm_eps, dtype=self.dtype, name="ln_final")(x)
 
 
-class ViTEncoder(nn.Module):
-    """The stack of :class:`ViTLayer` modules, named ``layer_{i}``."""
-
-    num_layers: int
-    num_heads: int
-    mlp_dim: int
-    hidden_act: str = "gelu"
-    dropout_rate: float = 0.0
-    attention_dropout_rate: float = 0.0
-    layer_norm_eps: float = 1e-6
-    qkv_bias: bool = True
-    dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-        """``(B, T, D)`` -> ``(B, T, D)``."""
-        for i in range(self.num_layers):
-            x = ViTLayer(
-                self.num_heads,
-                self.mlp_dim,
-                self.hidden_act,
-                self.dropout_rate,
-                self.attention_dropout_rate,
-                self.layer_norm_eps,
-                self.qkv_bias,
-                self.dtype,
-                name=f"layer_{i}",
-            )(x, train=train)
-        return x
-
-
-class ViT(nn.Module):
+class ViT(ViTBackbone):
     """A Vision Transformer classifier with the class-token head (timm ``global_pool="token"``).
 
     ``model.apply(variables, images, train=False)`` with NHWC float images returns
@@ -330,36 +292,9 @@ class ViT(nn.Module):
     """
 
     num_classes: int = 0
-    image_size: int | tuple[int, int] = 224
-    patch_size: int = 16
-    hidden_size: int = 768
-    num_layers: int = 12
-    num_heads: int = 12
-    mlp_dim: int = 3072
-    hidden_act: str = "gelu"
-    dropout_rate: float = 0.0
-    attention_dropout_rate: float = 0.0
-    layer_norm_eps: float = 1e-6
-    qkv_bias: bool = True
-    resize_antialias: bool = True
-    dtype: Dtype = jnp.float32
 
     def setup(self) -> None:
-        self.backbone = ViTBackbone(
-            self.image_size,
-            self.patch_size,
-            self.hidden_size,
-            self.num_layers,
-            self.num_heads,
-            self.mlp_dim,
-            self.hidden_act,
-            self.dropout_rate,
-            self.attention_dropout_rate,
-            self.layer_norm_eps,
-            self.qkv_bias,
-            self.resize_antialias,
-            self.dtype,
-        )
+        self.backbone = ViTBackbone(**fields_for(ViTBackbone, self))
         if self.num_classes:
             # A new head starts at zero, as big_vision's fine-tuning heads (and timm's
             # "jax" init) do: the first logits are uniform, not random.
@@ -372,7 +307,7 @@ class ViT(nn.Module):
         """NHWC images -> all final-normed tokens ``(B, 1 + N, D)``, class token first."""
         return self.backbone(x, train=train)
 
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:  # type: ignore[override]
         """NHWC images -> logits ``(B, num_classes)`` or features ``(B, D)``."""
         pooled = self.backbone(x, train=train)[:, 0]
         if not self.num_classes:
