@@ -13,9 +13,8 @@ Also here: RoPE (:func:`rope_frequencies`, :func:`apply_rope`) and
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -23,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jft.errors import JftError
+from jft.models.layers import fields_for
 
 Dtype = Any
 # One layer's cache: {"k": (B, S, kv_heads, head_dim), "v": same}.
@@ -37,6 +37,7 @@ REMAT_POLICIES = {
 
 
 ROPE_TYPES = ("default", "linear", "llama3")
+LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
 class DecoderConfigError(JftError, ValueError):
@@ -71,40 +72,84 @@ def remat_block(block: type[nn.Module], remat: str | None) -> type[nn.Module]:
     return nn.remat(block, policy=REMAT_POLICIES[remat])
 
 
-def lm_logits(
-    lm: nn.Module,
-    backbone: type[nn.Module],
-    input_ids: jax.Array,
-    attention_mask: jax.Array | None,
-    position_ids: jax.Array | None,
-    cache: Any,
-    cache_index: jax.Array | int,
-    train: bool,
-) -> tuple[jax.Array, Any]:
-    """A causal LM's float32 logits and new cache: ``backbone`` then the LM head.
+def layer_types(
+    types: tuple[str, ...] | None, num_layers: int, sliding_window: int | None
+) -> tuple[str, ...]:
+    """Each layer's attention, ``"full_attention"`` or ``"sliding_attention"``.
 
-    Called from ``lm``'s compact ``__call__``: the trunk is ``backbone`` built
-    from ``lm``'s fields of the same names (``backbone/...``), and the head is
-    the transposed token embedding when ``lm.tie_word_embeddings``, else a
-    bias-free ``lm_head`` Dense.
+    None: all sliding when there is a ``sliding_window`` (Mistral), else all full.
+
+    Raises:
+      DecoderConfigError: ``types`` is not ``num_layers`` entries of :data:`LAYER_TYPES`.
     """
-    fields = {f.name: getattr(lm, f.name) for f in dataclasses.fields(backbone)}
-    del fields["parent"], fields["name"]
-    hidden, new_cache, embedding = backbone(**fields, name="backbone")(
-        jnp.asarray(input_ids), attention_mask, position_ids, cache, cache_index, train
-    )
-    if lm.tie_word_embeddings:
-        logits = hidden @ embedding.astype(hidden.dtype).T
-    else:
-        logits = nn.Dense(
-            lm.vocab_size,
-            use_bias=False,
-            dtype=lm.dtype,
-            param_dtype=lm.param_dtype,
-            kernel_init=nn.initializers.normal(0.02),
-            name="lm_head",
-        )(hidden)
-    return logits.astype(jnp.float32), new_cache
+    if types is None:
+        kind = "full_attention" if sliding_window is None else "sliding_attention"
+        return (kind,) * num_layers
+    types = tuple(types)
+    if len(types) != num_layers or any(t not in LAYER_TYPES for t in types):
+        raise DecoderConfigError(
+            f"layer_types {list(types)} must list {num_layers} entries of {', '.join(LAYER_TYPES)}"
+        )
+    return types
+
+
+class DecoderTrunk(nn.Module):
+    """A decoder trunk: it says its KV cache's shape (``cache_spec``) and makes an empty one."""
+
+    def cache_spec(self) -> tuple[int, int, int]:
+        """``(num_layers, kv_heads, head_dim)`` of this model's KV cache."""
+        raise NotImplementedError
+
+    def init_cache(self, batch: int, length: int, dtype: Dtype | None = None) -> Cache:
+        """An empty KV cache of ``length`` slots (``dtype`` default: the compute dtype)."""
+        layers, kv_heads, head_dim = self.cache_spec()
+        return init_cache(layers, batch, length, kv_heads, head_dim, dtype or self.dtype)
+
+
+class LanguageModel(nn.Module):
+    """A causal LM's ``__call__``: its trunk ``backbone/``, then the LM head, logits in float32.
+
+    A model derives from this and from its trunk, whose fields it shares
+    (``class Llama(LanguageModel, LlamaBackbone)``), and names the trunk in
+    ``backbone_class``. The head is the transposed token embedding when
+    ``tie_word_embeddings``, else a bias-free ``lm_head`` Dense.
+    """
+
+    backbone_class: ClassVar[type[nn.Module]]
+
+    def cap_logits(self, logits: jax.Array) -> jax.Array:
+        """The final logits (Gemma 2 soft-caps them); here unchanged."""
+        return logits
+
+    @nn.compact
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array | None = None,
+        position_ids: jax.Array | None = None,
+        *,
+        cache: Cache | None = None,
+        cache_index: jax.Array | int = 0,
+        train: bool = False,
+    ) -> jax.Array | tuple[jax.Array, Cache]:
+        """Logits ``(B, T, vocab)`` float32, and the new cache when ``cache`` is given."""
+        backbone = self.backbone_class(**fields_for(self.backbone_class, self), name="backbone")
+        hidden, new_cache, embedding = backbone(
+            jnp.asarray(input_ids), attention_mask, position_ids, cache, cache_index, train
+        )
+        if self.tie_word_embeddings:
+            logits = hidden @ embedding.astype(hidden.dtype).T
+        else:
+            logits = nn.Dense(
+                self.vocab_size,
+                use_bias=False,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                kernel_init=nn.initializers.normal(0.02),
+                name="lm_head",
+            )(hidden)
+        logits = self.cap_logits(logits.astype(jnp.float32))
+        return logits if cache is None else (logits, new_cache)
 
 
 def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
@@ -174,6 +219,20 @@ def write_cache(
         return jax.lax.dynamic_update_slice(buf, new.astype(buf.dtype), (0, index, 0, 0))
 
     return {"k": put(layer["k"], k), "v": put(layer["v"], v)}
+
+
+def cached_kv(
+    layer: LayerCache | None, k: jax.Array, v: jax.Array, index: jax.Array | int
+) -> tuple[jax.Array, jax.Array, LayerCache | None]:
+    """The keys and values to attend to, and the layer's new cache (None without a cache).
+
+    Without a cache they are ``k, v``; with one, ``k, v`` are written at ``index``
+    (:func:`write_cache`) and the whole cache is attended to.
+    """
+    if layer is None:
+        return k, v, None
+    new = write_cache(layer, k, v, index)
+    return new["k"], new["v"], new
 
 
 def init_cache(
@@ -254,6 +313,13 @@ def rope_frequencies(
         medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
         return np.where(medium, blended, scaled).astype(np.float32)
     return inv
+
+
+def rope_tables(position_ids: jax.Array, inv: np.ndarray, dtype: Dtype) -> tuple[jax.Array, ...]:
+    """``(cos, sin)`` ``(B, T, head_dim)`` of the angles ``position * inv``, halves repeated."""
+    angles = position_ids.astype(jnp.float32)[..., None] * jnp.asarray(inv)
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles).astype(dtype), jnp.sin(angles).astype(dtype)
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:

@@ -22,20 +22,18 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from jft.models._decoder import (
-    Cache,
     DecoderConfigError,
+    DecoderTrunk,
+    LanguageModel,
     attend,
-    init_cache,
-    lm_logits,
+    cached_kv,
     no_head,
     remat_block,
     slot_bias,
     slots_and_mask,
-    write_cache,
 )
 from jft.models.layers import activation
 from jft.models.registry import register
@@ -66,10 +64,7 @@ class GPT2Attention(nn.Module):
         hd = d // self.num_heads
         qkv = _dense(3 * d, self.dtype, self.param_dtype, "c_attn")(x)
         q, k, v = (y.reshape(b, t, self.num_heads, hd) for y in jnp.split(qkv, 3, axis=-1))
-        new_cache = None
-        if cache is not None:
-            new_cache = write_cache(cache, k, v, cache_index)
-            k, v = new_cache["k"], new_cache["v"]
+        k, v, new_cache = cached_kv(cache, k, v, cache_index)
         y = attend(q, k, v, bias, hd**-0.5)
         y = nn.Dropout(self.dropout_rate, deterministic=not self.train)(y)
         return _dense(d, self.dtype, self.param_dtype, "c_proj")(y), new_cache
@@ -128,7 +123,7 @@ class _GPT2Mlp(nn.Module):
         return _dense(self.features, self.dtype, self.param_dtype, "c_proj")(h)
 
 
-class GPT2Backbone(nn.Module):
+class GPT2Backbone(DecoderTrunk):
     """Token and position embeddings, blocks ``layers_{i}`` and ``ln_f``; HF config fields.
 
     Attributes:
@@ -156,11 +151,6 @@ class GPT2Backbone(nn.Module):
     def cache_spec(self) -> tuple[int, int, int]:
         """``(num_layers, kv_heads, head_dim)`` of this model's KV cache."""
         return self.num_layers, self.num_heads, self.hidden_size // self.num_heads
-
-    def init_cache(self, batch: int, length: int, dtype: Dtype | None = None) -> Cache:
-        """An empty KV cache of ``length`` slots (``dtype`` default: the compute dtype)."""
-        layers, heads, head_dim = self.cache_spec()
-        return init_cache(layers, batch, length, heads, head_dim, dtype or self.dtype)
 
     @nn.compact
     def __call__(self, input_ids, attention_mask, position_ids, cache, cache_index, train):
@@ -209,7 +199,7 @@ class GPT2Backbone(nn.Module):
         return x, (None if cache is None else tuple(new_cache)), wte.embedding
 
 
-class GPT2(GPT2Backbone):
+class GPT2(LanguageModel, GPT2Backbone):
     """GPT-2 with its LM head (tied to ``wte`` by default).
 
     Call ``model.apply(variables, input_ids, attention_mask=None, position_ids=None)``
@@ -218,22 +208,7 @@ class GPT2(GPT2Backbone):
     dropout (rng ``"dropout"``).
     """
 
-    @nn.compact
-    def __call__(  # type: ignore[override]
-        self,
-        input_ids: jax.Array,
-        attention_mask: jax.Array | None = None,
-        position_ids: jax.Array | None = None,
-        *,
-        cache: Cache | None = None,
-        cache_index: jax.Array | int = 0,
-        train: bool = False,
-    ) -> jax.Array | tuple[jax.Array, Cache]:
-        """Logits ``(B, T, vocab)`` float32, and the new cache when ``cache`` is given."""
-        logits, new_cache = lm_logits(
-            self, GPT2Backbone, input_ids, attention_mask, position_ids, cache, cache_index, train
-        )
-        return logits if cache is None else (logits, new_cache)
+    backbone_class = GPT2Backbone
 
 
 @register("gpt2")

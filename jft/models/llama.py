@@ -32,6 +32,7 @@ and ``cache_index=`` it returns ``(logits, new_cache)``: see
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -39,21 +40,23 @@ import jax
 import jax.numpy as jnp
 
 from jft.models._decoder import (
-    Cache,
+    LAYER_TYPES,
     DecoderConfigError,
+    DecoderTrunk,
+    LanguageModel,
     RMSNorm,
     apply_rope,
     attend,
-    init_cache,
-    lm_logits,
+    cached_kv,
+    layer_types,
     no_head,
     remat_block,
     rope_frequencies,
+    rope_tables,
     slot_bias,
     slots_and_mask,
-    write_cache,
 )
-from jft.models.layers import activation
+from jft.models.layers import activation, fields_for
 from jft.models.registry import register
 
 __all__ = [
@@ -72,7 +75,6 @@ __all__ = [
 ]
 
 Dtype = Any
-LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
 class LlamaAttention(nn.Module):
@@ -84,11 +86,11 @@ class LlamaAttention(nn.Module):
     qkv_bias: bool = False
     o_bias: bool = False
     qk_norm: bool = False
-    norm_eps: float = 1e-6
+    rms_norm_eps: float = 1e-6
     norm_plus_one: bool = False
-    scale: float | None = None
-    softcap: float | None = None
-    dropout_rate: float = 0.0
+    query_pre_attn_scalar: float | None = None
+    attn_logit_softcapping: float | None = None
+    attention_dropout: float = 0.0
     train: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -115,17 +117,14 @@ class LlamaAttention(nn.Module):
         v = dense(self.num_kv_heads * hd, self.qkv_bias, "v_proj")(x).reshape(b, t, -1, hd)
         if self.qk_norm:
             norm = lambda name: RMSNorm(
-                self.norm_eps, self.norm_plus_one, self.param_dtype, name=name
+                self.rms_norm_eps, self.norm_plus_one, self.param_dtype, name=name
             )
             q, k = norm("q_norm")(q), norm("k_norm")(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        new_cache = None
-        if cache is not None:
-            new_cache = write_cache(cache, k, v, cache_index)
-            k, v = new_cache["k"], new_cache["v"]
-        scale = hd**-0.5 if self.scale is None else self.scale
-        y = attend(q, k, v, bias, scale, self.softcap)
-        y = nn.Dropout(self.dropout_rate)(y, deterministic=not self.train)
+        k, v, new_cache = cached_kv(cache, k, v, cache_index)
+        scale = (hd if self.query_pre_attn_scalar is None else self.query_pre_attn_scalar) ** -0.5
+        y = attend(q, k, v, bias, scale, self.attn_logit_softcapping)
+        y = nn.Dropout(self.attention_dropout)(y, deterministic=not self.train)
         return dense(d, self.o_bias, "o_proj")(y), new_cache
 
 
@@ -144,9 +143,9 @@ class LlamaBlock(nn.Module):
     mlp_bias: bool = False
     qk_norm: bool = False
     sandwich_norm: bool = False
-    scale: float | None = None
-    softcap: float | None = None
-    dropout_rate: float = 0.0
+    query_pre_attn_scalar: float | None = None
+    attn_logit_softcapping: float | None = None
+    attention_dropout: float = 0.0
     train: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -158,23 +157,9 @@ class LlamaBlock(nn.Module):
         def norm(name: str) -> RMSNorm:
             return RMSNorm(self.rms_norm_eps, self.norm_plus_one, self.param_dtype, name=name)
 
-        y, new_cache = LlamaAttention(
-            self.num_heads,
-            self.num_kv_heads,
-            self.head_dim,
-            self.qkv_bias,
-            self.o_bias,
-            self.qk_norm,
-            self.rms_norm_eps,
-            self.norm_plus_one,
-            self.scale,
-            self.softcap,
-            self.dropout_rate,
-            self.train,
-            self.dtype,
-            self.param_dtype,
-            name="attention",
-        )(norm("input_layernorm")(x), cos, sin, bias, cache, cache_index)
+        y, new_cache = LlamaAttention(**fields_for(LlamaAttention, self), name="attention")(
+            norm("input_layernorm")(x), cos, sin, bias, cache, cache_index
+        )
         if self.sandwich_norm:
             x = x + norm("post_attention_layernorm")(y)
             h = norm("pre_feedforward_layernorm")(x)
@@ -222,7 +207,7 @@ class Mlp(nn.Module):
         return dense(x.shape[-1], "down_proj")(gate * up)
 
 
-class LlamaBackbone(nn.Module):
+class LlamaBackbone(DecoderTrunk):
     """A Llama-family decoder trunk; the attributes are Hugging Face config fields.
 
     Embeddings, blocks ``layers_{i}`` and the final norm; :class:`Llama` adds the
@@ -289,24 +274,6 @@ class LlamaBackbone(nn.Module):
         kv = self.num_kv_heads or self.num_heads
         return self.num_layers, kv, self.head_dim or self.hidden_size // self.num_heads
 
-    def init_cache(self, batch: int, length: int, dtype: Dtype | None = None) -> Cache:
-        """An empty KV cache of ``length`` slots (``dtype`` default: the compute dtype)."""
-        layers, kv_heads, head_dim = self.cache_spec()
-        return init_cache(layers, batch, length, kv_heads, head_dim, dtype or self.dtype)
-
-    def _layer_types(self) -> tuple[str, ...]:
-        if self.layer_types is not None:
-            types = tuple(self.layer_types)
-            bad = [t for t in types if t not in LAYER_TYPES]
-            if bad or len(types) != self.num_layers:
-                raise DecoderConfigError(
-                    f"layer_types {list(types)} must list {self.num_layers} entries of "
-                    f"{', '.join(LAYER_TYPES)}"
-                )
-            return types
-        kind = "full_attention" if self.sliding_window is None else "sliding_attention"
-        return (kind,) * self.num_layers
-
     @nn.compact
     def __call__(self, input_ids, attention_mask, position_ids, cache, cache_index, train):
         """See :class:`Llama`; returns ``(hidden, new cache or None, embedding matrix)``."""
@@ -331,9 +298,7 @@ class LlamaBackbone(nn.Module):
             self.rope_high_freq_factor,
             self.rope_original_max_position,
         )
-        angles = position_ids.astype(jnp.float32)[..., None] * jnp.asarray(inv)
-        angles = jnp.concatenate([angles, angles], axis=-1)
-        cos, sin = jnp.cos(angles).astype(self.dtype), jnp.sin(angles).astype(self.dtype)
+        cos, sin = rope_tables(position_ids, inv, self.dtype)
 
         embed = nn.Embed(
             self.vocab_size,
@@ -347,38 +312,19 @@ class LlamaBackbone(nn.Module):
         if self.embed_scale:
             x = x * jnp.asarray(self.hidden_size**0.5, x.dtype)
         block = remat_block(LlamaBlock, self.remat)
-        scale = None
-        if self.query_pre_attn_scalar is not None:
-            scale = self.query_pre_attn_scalar**-0.5
+        fields = fields_for(LlamaBlock, self, num_kv_heads=kv_heads, head_dim=head_dim, train=train)
         new_cache = []
-        for i, kind in enumerate(self._layer_types()):
-            x, layer_cache = block(
-                self.num_heads,
-                kv_heads,
-                head_dim,
-                self.intermediate_size,
-                self.hidden_act,
-                self.rms_norm_eps,
-                self.norm_plus_one,
-                self.qkv_bias,
-                self.o_bias,
-                self.mlp_bias,
-                self.qk_norm,
-                self.sandwich_norm,
-                scale,
-                self.attn_logit_softcapping,
-                self.attention_dropout,
-                train,
-                self.dtype,
-                self.param_dtype,
-                name=f"layers_{i}",
-            )(x, cos, sin, biases[kind], None if cache is None else cache[i], cache_index)
+        types = layer_types(self.layer_types, self.num_layers, self.sliding_window)
+        for i, kind in enumerate(types):
+            x, layer_cache = block(**fields, name=f"layers_{i}")(
+                x, cos, sin, biases[kind], None if cache is None else cache[i], cache_index
+            )
             new_cache.append(layer_cache)
         x = RMSNorm(self.rms_norm_eps, self.norm_plus_one, self.param_dtype, name="norm")(x)
         return x, (None if cache is None else tuple(new_cache)), embed.embedding
 
 
-class Llama(LlamaBackbone):
+class Llama(LanguageModel, LlamaBackbone):
     """A Llama-family causal language model: :class:`LlamaBackbone` and an LM head.
 
     Call ``model.apply(variables, input_ids, attention_mask=None, position_ids=None)``
@@ -389,28 +335,17 @@ class Llama(LlamaBackbone):
     ``train=True`` turns on attention dropout (rng ``"dropout"``).
     """
 
-    @nn.compact
-    def __call__(  # type: ignore[override]
-        self,
-        input_ids: jax.Array,
-        attention_mask: jax.Array | None = None,
-        position_ids: jax.Array | None = None,
-        *,
-        cache: Cache | None = None,
-        cache_index: jax.Array | int = 0,
-        train: bool = False,
-    ) -> jax.Array | tuple[jax.Array, Cache]:
-        """Logits ``(B, T, vocab)`` float32, and the new cache when ``cache`` is given."""
-        logits, new_cache = lm_logits(
-            self, LlamaBackbone, input_ids, attention_mask, position_ids, cache, cache_index, train
-        )
-        if self.final_logit_softcapping is not None:
-            cap = self.final_logit_softcapping
-            logits = jnp.tanh(logits / cap) * cap
-        return logits if cache is None else (logits, new_cache)
+    backbone_class = LlamaBackbone
+
+    def cap_logits(self, logits: jax.Array) -> jax.Array:
+        """Gemma 2's ``tanh`` soft cap of the final logits (``final_logit_softcapping``)."""
+        cap = self.final_logit_softcapping
+        return logits if cap is None else jnp.tanh(logits / cap) * cap
 
 
-def _family(defaults: dict[str, Any]):
+def _family(name: str, doc: str, **defaults: Any) -> Callable[..., Llama]:
+    """Registers ``name``: a :class:`Llama` with ``defaults`` under the caller's ``kwargs``."""
+
     def build(num_classes: int = 0, dtype: Dtype = jnp.float32, **kwargs: Any) -> Llama:
         no_head(num_classes)
         kwargs = {**defaults, **kwargs}
@@ -418,67 +353,40 @@ def _family(defaults: dict[str, Any]):
             kwargs["layer_types"] = tuple(kwargs["layer_types"])
         return Llama(dtype=dtype, **kwargs)
 
-    return build
+    build.__name__ = build.__qualname__ = name
+    build.__doc__ = doc
+    return register(name)(build)
 
 
-_FAMILIES = {
-    "llama": {},
-    "mistral": {"sliding_window": 4096, "num_kv_heads": 8, "intermediate_size": 14336},
-    "qwen2": {"qkv_bias": True, "rope_theta": 1000000.0},
-    "qwen3": {"qk_norm": True, "rope_theta": 1000000.0},
-    "gemma": {
-        "norm_plus_one": True,
-        "embed_scale": True,
-        "hidden_act": "gelu_pytorch_tanh",
-        "tie_word_embeddings": True,
-    },
-    "gemma2": {
-        "norm_plus_one": True,
-        "embed_scale": True,
-        "hidden_act": "gelu_pytorch_tanh",
-        "tie_word_embeddings": True,
-        "sandwich_norm": True,
-        "attn_logit_softcapping": 50.0,
-        "final_logit_softcapping": 30.0,
-        "sliding_window": 4096,
-    },
-}
-
-
-@register("llama")
-def llama(num_classes: int = 0, dtype: Dtype = jnp.float32, **kwargs: Any) -> Llama:
-    """A Llama 2/3 decoder; ``kwargs`` are :class:`Llama` fields (defaults: Llama 2 7B)."""
-    return _family(_FAMILIES["llama"])(num_classes, dtype, **kwargs)
-
-
-@register("mistral")
-def mistral(num_classes: int = 0, dtype: Dtype = jnp.float32, **kwargs: Any) -> Llama:
-    """Mistral: a Llama with grouped-query attention and a sliding window on every layer."""
-    return _family(_FAMILIES["mistral"])(num_classes, dtype, **kwargs)
-
-
-@register("qwen2")
-def qwen2(num_classes: int = 0, dtype: Dtype = jnp.float32, **kwargs: Any) -> Llama:
-    """Qwen2/2.5: a Llama with q/k/v biases."""
-    return _family(_FAMILIES["qwen2"])(num_classes, dtype, **kwargs)
-
-
-@register("qwen3")
-def qwen3(num_classes: int = 0, dtype: Dtype = jnp.float32, **kwargs: Any) -> Llama:
-    """Qwen3: a Llama with per-head q/k RMSNorm."""
-    return _family(_FAMILIES["qwen3"])(num_classes, dtype, **kwargs)
-
-
-@register("gemma")
-def gemma(num_classes: int = 0, dtype: Dtype = jnp.float32, **kwargs: Any) -> Llama:
-    """Gemma: ``1 + w`` RMSNorm, ``sqrt(hidden)`` embedding scale, gelu-tanh MLP, tied head."""
-    return _family(_FAMILIES["gemma"])(num_classes, dtype, **kwargs)
-
-
-@register("gemma2")
-def gemma2(num_classes: int = 0, dtype: Dtype = jnp.float32, **kwargs: Any) -> Llama:
+_GEMMA = dict(
+    norm_plus_one=True, embed_scale=True, hidden_act="gelu_pytorch_tanh", tie_word_embeddings=True
+)
+llama = _family(
+    "llama", "A Llama 2/3 decoder; ``kwargs`` are :class:`Llama` fields (defaults: Llama 2 7B)."
+)
+mistral = _family(
+    "mistral",
+    "Mistral: a Llama with grouped-query attention and a sliding window on every layer.",
+    sliding_window=4096,
+    num_kv_heads=8,
+    intermediate_size=14336,
+)
+qwen2 = _family("qwen2", "Qwen2/2.5: a Llama with q/k/v biases.", qkv_bias=True, rope_theta=1e6)
+qwen3 = _family("qwen3", "Qwen3: a Llama with per-head q/k RMSNorm.", qk_norm=True, rope_theta=1e6)
+gemma = _family(
+    "gemma",
+    "Gemma: ``1 + w`` RMSNorm, ``sqrt(hidden)`` embedding scale, gelu-tanh MLP, tied head.",
+    **_GEMMA,
+)
+gemma2 = _family(
+    "gemma2",
     """Gemma 2: Gemma with sandwich norms, soft-capped logits and local/global layers.
 
     Pass ``layer_types`` (Hugging Face's: sliding on even layers) with ``num_layers``.
-    """
-    return _family(_FAMILIES["gemma2"])(num_classes, dtype, **kwargs)
+    """,
+    **_GEMMA,
+    sandwich_norm=True,
+    attn_logit_softcapping=50.0,
+    final_logit_softcapping=30.0,
+    sliding_window=4096,
+)
