@@ -35,7 +35,7 @@ from jft.models._decoder import (
     slot_bias,
     slots_and_mask,
 )
-from jft.models.layers import activation
+from jft.models.layers import activation, fields_for
 from jft.models.registry import register
 
 __all__ = ["GPT2", "GPT2Attention", "GPT2Backbone", "GPT2Block", "gpt2"]
@@ -52,7 +52,7 @@ class GPT2Attention(nn.Module):
     """Causal self-attention with fused ``c_attn`` (q, k, v) and a KV cache."""
 
     num_heads: int
-    dropout_rate: float = 0.0
+    attn_dropout: float = 0.0
     train: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -66,25 +66,23 @@ class GPT2Attention(nn.Module):
         q, k, v = (y.reshape(b, t, self.num_heads, hd) for y in jnp.split(qkv, 3, axis=-1))
         k, v, new_cache = cached_kv(cache, k, v, cache_index)
         y = attend(q, k, v, bias, hd**-0.5)
-        y = nn.Dropout(self.dropout_rate, deterministic=not self.train)(y)
+        y = nn.Dropout(self.attn_dropout, deterministic=not self.train)(y)
         return _dense(d, self.dtype, self.param_dtype, "c_proj")(y), new_cache
 
 
-class GPT2Block(nn.Module):
-    """One pre-LayerNorm GPT-2 block: attention and a GELU MLP (``c_fc``, ``c_proj``)."""
+class GPT2Block(GPT2Attention):
+    """One pre-LayerNorm GPT-2 block: attention and a GELU MLP (``c_fc``, ``c_proj``).
 
-    num_heads: int
-    intermediate_size: int
+    It has :class:`GPT2Attention`'s fields, which it passes on, and the MLP's.
+    """
+
+    intermediate_size: int = 3072
     activation_function: str = "gelu_new"
     layer_norm_eps: float = 1e-5
     resid_dropout: float = 0.0
-    attn_dropout: float = 0.0
-    train: bool = False
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, bias, cache, cache_index):
+    def __call__(self, x, bias, cache, cache_index):  # type: ignore[override]
         """``(B, T, D)`` -> ``((B, T, D), new layer cache or None)``."""
         d = x.shape[-1]
 
@@ -94,9 +92,9 @@ class GPT2Block(nn.Module):
             )
 
         drop = nn.Dropout(self.resid_dropout, deterministic=not self.train)
-        y, new_cache = GPT2Attention(
-            self.num_heads, self.attn_dropout, self.train, self.dtype, self.param_dtype, name="attn"
-        )(norm("ln_1")(x), bias, cache, cache_index)
+        y, new_cache = GPT2Attention(**fields_for(GPT2Attention, self), name="attn")(
+            norm("ln_1")(x), bias, cache, cache_index
+        )
         x = x + drop(y)
         y = _GPT2Mlp(
             d,
@@ -178,20 +176,13 @@ class GPT2Backbone(DecoderTrunk):
         x = wte(input_ids) + embed(self.n_positions, "wpe")(position_ids)
         x = nn.Dropout(self.embd_dropout, deterministic=not train)(x)
         block = remat_block(GPT2Block, self.remat)
+        inner = self.intermediate_size or 4 * self.hidden_size
+        fields = fields_for(GPT2Block, self, intermediate_size=inner, train=train)
         new_cache = []
         for i in range(self.num_layers):
-            x, layer_cache = block(
-                self.num_heads,
-                self.intermediate_size or 4 * self.hidden_size,
-                self.activation_function,
-                self.layer_norm_eps,
-                self.resid_dropout,
-                self.attn_dropout,
-                train,
-                self.dtype,
-                self.param_dtype,
-                name=f"layers_{i}",
-            )(x, bias, None if cache is None else cache[i], cache_index)
+            x, layer_cache = block(**fields, name=f"layers_{i}")(
+                x, bias, None if cache is None else cache[i], cache_index
+            )
             new_cache.append(layer_cache)
         x = nn.LayerNorm(
             self.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, name="ln_f"

@@ -128,30 +128,19 @@ class LlamaAttention(nn.Module):
         return dense(d, self.o_bias, "o_proj")(y), new_cache
 
 
-class LlamaBlock(nn.Module):
-    """One pre-norm decoder block (Gemma 2: sandwich norms around attention and MLP)."""
+class LlamaBlock(LlamaAttention):
+    """One pre-norm decoder block (Gemma 2: sandwich norms around attention and MLP).
 
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    intermediate_size: int
+    It has :class:`LlamaAttention`'s fields, which it passes on, and the MLP's.
+    """
+
+    intermediate_size: int = 11008
     hidden_act: str = "silu"
-    rms_norm_eps: float = 1e-6
-    norm_plus_one: bool = False
-    qkv_bias: bool = False
-    o_bias: bool = False
     mlp_bias: bool = False
-    qk_norm: bool = False
     sandwich_norm: bool = False
-    query_pre_attn_scalar: float | None = None
-    attn_logit_softcapping: float | None = None
-    attention_dropout: float = 0.0
-    train: bool = False
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, cos, sin, bias, cache, cache_index):
+    def __call__(self, x, cos, sin, bias, cache, cache_index):  # type: ignore[override]
         """``(B, T, D)`` -> ``((B, T, D), new layer cache or None)``."""
 
         def norm(name: str) -> RMSNorm:
