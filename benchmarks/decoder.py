@@ -23,8 +23,9 @@ cache, ``jft.models.generate.generate`` (after one call that compiles) against
 fake CPU devices with FSDP, and onto a 2 x 4 (data, model) mesh with tensor
 parallelism; each in a fresh subprocess whose peak-RSS counter is reset just
 before the call. On a CPU every device's shard lives in host memory, so the
-placed arrays themselves count; "transient" is the peak above them, which the
-shard-by-shard reader keeps near two shards of the largest tensor.
+placed arrays themselves count (each distinct buffer once: a shard replicated
+over several CPU devices may share one); "transient" is the peak above them,
+which the shard-by-shard reader keeps under one shard of the largest tensor.
 """
 
 from __future__ import annotations
@@ -201,7 +202,9 @@ model, variables = from_pretrained(FOLDER, **kw)
 jax.block_until_ready(variables)
 peak = hwm() - base
 leaves = jax.tree.leaves(variables)
-placed = sum(s.data.nbytes for x in leaves for s in x.addressable_shards)
+# Distinct buffers: on a CPU a shard put on several devices may be one host buffer.
+placed = sum({s.data.unsafe_buffer_pointer(): s.data.nbytes
+              for x in leaves for s in x.addressable_shards}.values())
 shard = max(max(s.data.nbytes for s in x.addressable_shards) for x in leaves)
 print(json.dumps({"peak": peak, "placed": placed, "largest_shard": shard,
                   "model": sum(x.nbytes for x in leaves),
