@@ -225,9 +225,9 @@ def _spread(d, i, j, strides, size):
 
 def max_pool(
     x: jax.Array,
-    window_shape: tuple[int, int],
-    strides: tuple[int, int],
-    padding: Sequence[tuple[int, int]],
+    window_shape: reference.Window2D,
+    strides: reference.Window2D,
+    padding: reference.Padding2D,
 ) -> jax.Array:
     """:func:`jft.ops.reference.max_pool` with a backward pass XLA:CPU runs fast.
 

@@ -13,14 +13,21 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-__all__ = ["batch_norm_apply", "batch_norm_stats", "batch_norm_train", "max_pool"]
+__all__ = [
+    "Padding2D",
+    "Window2D",
+    "batch_norm_apply",
+    "batch_norm_stats",
+    "batch_norm_train",
+    "max_pool",
+]
+
+Window2D = tuple[int, int]  # (height, width) of a window or a stride
+Padding2D = Sequence[tuple[int, int]]  # ((top, bottom), (left, right))
 
 
 def max_pool(
-    x: jax.Array,
-    window_shape: tuple[int, int],
-    strides: tuple[int, int],
-    padding: Sequence[tuple[int, int]],
+    x: jax.Array, window_shape: Window2D, strides: Window2D, padding: Padding2D
 ) -> jax.Array:
     """``nn.max_pool`` of an NHWC map: a max ``reduce_window``, padding with ``-inf``."""
     return jax.lax.reduce_window(

@@ -1,4 +1,4 @@
-"""Update rules as pure functions, each an ``optax.GradientTransformation``.
+r"""Update rules as pure functions, each an ``optax.GradientTransformation``.
 
 Each rule is a building block ``scale_by_<rule>`` and a user-facing optimizer
 (``adam``, ``heavy_ball``, ...) that chains it with the learning rate; a
@@ -35,9 +35,13 @@ learning rate of the last update, so that a train step can report it.
 
 Parameters must be floating point or complex (``init`` raises
 :class:`ParameterDtypeError`); complex ones follow optax's convention (pass the
-conjugate gradient; second moments are :math:`|g|^2`), except in
-:func:`adaptive_rate`, which refuses them. Hyperparameters given as numbers are
-checked at construction (:class:`HyperparameterError`: NaN, infinite or out of range).
+conjugate gradient; second moments are :math:`|g|^2 = g \bar g`, so a step does
+not depend on a parameter's phase), except in :func:`adaptive_rate`, which
+refuses them. ``torch.optim`` treats a complex parameter as two real ones
+(``torch.view_as_real``), so its second moments are per real and imaginary part;
+for that behaviour give jft the real view, ``jnp.stack([z.real, z.imag], -1)``.
+Hyperparameters given as numbers are checked at construction
+(:class:`HyperparameterError`: NaN, infinite or out of range).
 """
 
 from jft.optim._validate import HyperparameterError, ParameterDtypeError

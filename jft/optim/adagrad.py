@@ -99,12 +99,8 @@ def adagrad(
       0 where :math:`G = 0`. For optax's behaviour use ``optax.adagrad(lr)``; the
       two agree when both start :math:`G` at the same value and ``eps=0`` (and no
       :math:`G` is 0).
-      Complex parameters: as optax, the squares are :math:`|g|^2 = g \bar g`
-      (pass the conjugate of ``jax.grad``'s gradient, as optax does), so a step
-      does not depend on the phase of a parameter. ``torch.optim.Adagrad`` treats
-      a complex parameter as two real ones (``torch.view_as_real``), squaring
-      the real and imaginary parts apart; for that behaviour give jft the real
-      view, ``jnp.stack([z.real, z.imag], -1)``.
+      Complex parameters: :math:`G` sums :math:`|g|^2`, optax's convention, not
+      ``torch.optim.Adagrad``'s (see :mod:`jft.optim`).
     """
     _validate.learning_rate(lr)
     return _validate.checked(

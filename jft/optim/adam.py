@@ -116,12 +116,8 @@ def adam(
       version has no ``eps_root``, ``mu_dtype`` or ``nesterov``: use ``optax.adam``
       for those.
 
-      Complex parameters: as optax, the second moment is :math:`|g|^2 = g \bar g`
-      (pass the conjugate of ``jax.grad``'s gradient, as optax does), so a step
-      does not depend on the phase of a parameter. ``torch.optim.Adam`` treats a
-      complex parameter as two real ones (``torch.view_as_real``), so there
-      :math:`v` is per real and imaginary part; for that behaviour give jft the
-      real view, ``jnp.stack([z.real, z.imag], -1)``.
+      Complex parameters: :math:`v` averages :math:`|g|^2`, optax's convention,
+      not ``torch.optim.Adam``'s (see :mod:`jft.optim`).
     """
     _validate.learning_rate(lr)
     return _validate.checked(

@@ -32,13 +32,14 @@ def scale_by_heavy_ball(
       nesterov: use Nesterov's look-ahead form.
 
     Returns:
-      An ``optax.GradientTransformationExtraArgs`` with state :class:`HeavyBallState`.
+      An ``optax.GradientTransformationExtraArgs`` whose state, a
+      :class:`HeavyBallState`, holds the buffer :math:`b`.
     """
     _validate.unit_interval(momentum, "momentum")
 
     def init_fn(params):
         _validate.parameters(params, "scale_by_heavy_ball")
-        return HeavyBallState(momentum=optax.tree.zeros_like(params))
+        return HeavyBallState(optax.tree.zeros_like(params))  # b_0 = 0
 
     def update_fn(updates, state, params=None, **extra_args: Any):
         del params, extra_args
@@ -85,14 +86,17 @@ def heavy_ball(
       An ``optax.GradientTransformationExtraArgs``:
       ``optax.chain(scale_by_heavy_ball(momentum), scale_by_learning_rate(lr))``.
 
-    Example:
-      >>> import jax.numpy as jnp, jft
-      >>> tx = jft.optim.heavy_ball(1.0, momentum=0.5)
-      >>> state = tx.init(jnp.zeros(1))
-      >>> updates, state = tx.update(jnp.ones(1), state)  # b = 1
-      >>> updates, state = tx.update(jnp.ones(1), state)  # b = 1.5
-      >>> updates
-      Array([-1.5], dtype=float32)
+    Example: three steps on a constant gradient, in the :math:`\theta` form
+    (:math:`\theta_3 = \theta_2 - g + \tfrac12(\theta_2 - \theta_1) = -2.5 - 1 - 0.75`):
+
+      >>> import jax.numpy as jnp, optax, jft
+      >>> theta, tx = jnp.zeros(1), jft.optim.heavy_ball(1.0, momentum=0.5)
+      >>> state = tx.init(theta)
+      >>> for _ in range(3):  # b = 1, 1.5, 1.75
+      ...     updates, state = tx.update(jnp.ones(1), state)
+      ...     theta = optax.apply_updates(theta, updates)
+      >>> theta
+      Array([-4.25], dtype=float32)
 
     References:
       Polyak, *Some methods of speeding up the convergence of iteration

@@ -5,6 +5,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from jax.typing import ArrayLike
 
 from jft.optim import _validate
 
@@ -26,15 +27,15 @@ class ReduceOnPlateauState(NamedTuple):
 
 
 def reduce_on_plateau(
-    factor: jax.typing.ArrayLike = 0.1,
-    patience: jax.typing.ArrayLike = 10,
+    factor: ArrayLike = 0.1,
+    patience: ArrayLike = 10,
     *,
     mode: str = "min",
-    threshold: jax.typing.ArrayLike = 1e-4,
+    threshold: ArrayLike = 1e-4,
     threshold_mode: str = "rel",
-    cooldown: jax.typing.ArrayLike = 0,
-    min_scale: jax.typing.ArrayLike = 0.0,
-    eps: jax.typing.ArrayLike = 1e-8,
+    cooldown: ArrayLike = 0,
+    min_scale: ArrayLike = 0.0,
+    eps: ArrayLike = 1e-8,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Multiplies the updates by a scale that drops by ``factor`` on a plateau of a metric.
 
@@ -135,7 +136,7 @@ def reduce_on_plateau(
             cooldown_count=jnp.zeros([], jnp.int32),
         )
 
-    def update_fn(updates, state, params=None, *, value: jax.typing.ArrayLike, **extra_args: Any):
+    def update_fn(updates, state, params=None, *, value: ArrayLike, **extra_args: Any):
         del params, extra_args
         a = jnp.asarray(value, jnp.float32)
         better = is_better(a, state.best)

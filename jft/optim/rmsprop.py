@@ -148,12 +148,8 @@ def rmsprop(
       root. ``optax.rmsprop`` defaults to ``decay=0.9`` and :math:`\varepsilon` inside
       the root; ``optax.rmsprop(lr, decay, eps, eps_in_sqrt=False, centered=...,
       momentum=...)`` gives the same updates as this function.
-      Complex parameters: as optax, the squares are :math:`|g|^2 = g \bar g`
-      (pass the conjugate of ``jax.grad``'s gradient, as optax does), so a step
-      does not depend on the phase of a parameter. ``torch.optim.RMSprop`` treats
-      a complex parameter as two real ones (``torch.view_as_real``), squaring
-      the real and imaginary parts apart; for that behaviour give jft the real
-      view, ``jnp.stack([z.real, z.imag], -1)``.
+      Complex parameters: :math:`v` averages :math:`|g|^2`, optax's convention,
+      not ``torch.optim.RMSprop``'s (see :mod:`jft.optim`).
     """
     _validate.learning_rate(lr)
     return _validate.checked(

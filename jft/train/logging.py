@@ -158,6 +158,18 @@ def _smooth(values: np.ndarray, weight: float | None = None) -> np.ndarray:
     return out
 
 
+def _label_last(ax: Any, steps: np.ndarray, values: np.ndarray, color: str) -> None:
+    """Writes the last value of a curve beside its last point, in the curve's color."""
+    ax.annotate(
+        f"{values[-1]:.3f}",
+        (steps[-1], values[-1]),
+        textcoords="offset points",
+        xytext=(4, 0),
+        fontsize=8,
+        color=color,
+    )
+
+
 def write_plots(
     workdir: str | os.PathLike, records: Sequence[Mapping[str, Any]] | None = None
 ) -> list[str]:
@@ -222,14 +234,8 @@ def write_plots(
         for k in eval_keys:
             es, ev = _series(records, k)
             if len(ev) and np.nanmax(ev) <= 1.0 and np.nanmin(ev) >= 0.0:
-                ax.plot(es, ev, "o-", lw=2, ms=4, label=k.removeprefix("eval/"))
-                ax.annotate(
-                    f"{ev[-1]:.3f}",
-                    (es[-1], ev[-1]),
-                    textcoords="offset points",
-                    xytext=(4, 0),
-                    fontsize=8,
-                )
+                (line,) = ax.plot(es, ev, "o-", lw=2, ms=4, label=k.removeprefix("eval/"))
+                _label_last(ax, es, ev, line.get_color())
         ax.set(xlabel="step", ylabel="metric", title="Eval metrics", ylim=(0, 1.02))
         ax.grid(alpha=0.3)
         ax.legend(loc="lower right")
@@ -256,14 +262,7 @@ def write_stage_plots(workdir: str | os.PathLike, stages: Sequence[str]) -> str:
             es, ev = _series(records, "eval/accuracy")
             if len(es):
                 ax_acc.plot(es, ev, "o-", lw=2, ms=4, color=line.get_color(), label=name)
-                ax_acc.annotate(
-                    f"{ev[-1]:.3f}",
-                    (es[-1], ev[-1]),
-                    textcoords="offset points",
-                    xytext=(4, 0),
-                    fontsize=8,
-                    color=line.get_color(),
-                )
+                _label_last(ax_acc, es, ev, line.get_color())
     ax_loss.set(xlabel="step", ylabel="train loss (smoothed)", title="Train loss by stage")
     ax_loss.set_yscale("log")
     ax_acc.set(xlabel="step", ylabel="eval accuracy", title="Eval accuracy by stage")

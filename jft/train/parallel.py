@@ -99,6 +99,17 @@ def state_shardings(state: Any, mesh: Mesh, *, fsdp: bool = False) -> Any:
     return jax.tree.map(sharding, state)
 
 
+def _divisible_rows(x: Any, devices: int) -> np.ndarray:
+    """``x`` as a NumPy array, checked to split evenly among this process's ``devices``."""
+    x = np.asarray(x)
+    if x.shape[0] % devices:
+        raise ValueError(
+            f"a batch of {x.shape[0]} rows in this process does not divide among its "
+            f"{devices} devices"
+        )
+    return x
+
+
 def _pmap_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
     devices = jax.local_devices() if devices is None else list(devices)
     return Mesh(np.asarray(devices), (AXIS,), axis_types=(AxisType.Auto,))
@@ -203,12 +214,7 @@ class Parallel:
             local = len(self.mesh.local_devices)
 
             def put(x):
-                x = np.asarray(x)
-                if x.shape[0] % local:
-                    raise ValueError(
-                        f"a batch of {x.shape[0]} rows in this process does not divide among "
-                        f"its {local} devices"
-                    )
+                x = _divisible_rows(x, local)
                 return jax.make_array_from_process_local_data(sharding, x)
 
             return jax.tree.map(put, dict(local_batch))
@@ -217,12 +223,7 @@ class Parallel:
         sharding = NamedSharding(pmesh, PartitionSpec(AXIS))
 
         def put_pmap(x):
-            x = np.asarray(x)
-            if x.shape[0] % n:
-                raise ValueError(
-                    f"a batch of {x.shape[0]} rows in this process does not divide among its "
-                    f"{n} devices"
-                )
+            x = _divisible_rows(x, n)
             return jax.device_put(x.reshape(n, x.shape[0] // n, *x.shape[1:]), sharding)
 
         return jax.tree.map(put_pmap, dict(local_batch))
