@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-__all__ = ["Encoder", "SelfAttention", "attention_bias"]
+__all__ = ["Encoder", "EncoderBlock", "SelfAttention", "attention_bias"]
 
 Dtype = Any
 
@@ -69,6 +69,42 @@ class SelfAttention(nn.Module):
         probs = nn.Dropout(self.dropout_rate)(probs, deterministic=not train)
         y = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, t, d)
         return nn.Dense(d, dtype=self.dtype, kernel_init=self.kernel_init, name="output")(y)
+
+
+class EncoderBlock(nn.Module):
+    """What BERT's post-norm and ViT's pre-norm blocks share: fields, norm, dropout, attention.
+
+    A block is built from its model's fields by name
+    (:func:`jft.models.layers.fields_for`), so these have no defaults of their own.
+    """
+
+    num_heads: int
+    hidden_act: str
+    dropout_rate: float
+    attention_dropout_rate: float
+    layer_norm_eps: float
+    dtype: Dtype
+
+    @nn.nowrap
+    def norm(self, name: str) -> nn.LayerNorm:
+        """A LayerNorm named ``name``."""
+        return nn.LayerNorm(self.layer_norm_eps, dtype=self.dtype, name=name)
+
+    @nn.nowrap
+    def drop(self, y: jax.Array, train: bool) -> jax.Array:
+        """``y`` through dropout at ``dropout_rate`` in train mode."""
+        return nn.Dropout(self.dropout_rate)(y, deterministic=not train)
+
+    @nn.nowrap
+    def attention(self, use_bias: bool = True) -> SelfAttention:
+        """The block's :class:`SelfAttention`, named ``attention``."""
+        return SelfAttention(
+            self.num_heads,
+            self.attention_dropout_rate,
+            use_bias=use_bias,
+            dtype=self.dtype,
+            name="attention",
+        )
 
 
 class Encoder(nn.Module):

@@ -27,7 +27,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from jft.models._transformer import Encoder, SelfAttention, attention_bias
+from jft.models._transformer import Encoder, EncoderBlock, SelfAttention, attention_bias
 from jft.models.layers import activation, fields_for
 from jft.models.registry import register
 
@@ -80,33 +80,23 @@ def mean_pool(hidden: jax.Array, attention_mask: jax.Array) -> jax.Array:
 get_activation = activation  # an alias of jft.models.layers.activation
 
 
-class BertLayer(nn.Module):
+class BertLayer(EncoderBlock):
     """One post-norm BERT block: attention, add & norm, feed-forward, add & norm."""
 
-    num_heads: int
     intermediate_size: int
-    hidden_act: str = "gelu"
-    dropout_rate: float = 0.1
-    attention_dropout_rate: float = 0.1
-    layer_norm_eps: float = 1e-12
-    dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, bias: jax.Array, *, train: bool) -> jax.Array:
         """``x`` ``(B, T, H)`` -> ``(B, T, H)``; ``bias`` from :func:`attention_bias`."""
         init = nn.initializers.truncated_normal(0.02)
-        norm = lambda name: nn.LayerNorm(self.layer_norm_eps, dtype=self.dtype, name=name)
-        drop = lambda y: nn.Dropout(self.dropout_rate)(y, deterministic=not train)
-        y = SelfAttention(
-            self.num_heads, self.attention_dropout_rate, dtype=self.dtype, name="attention"
-        )(x, bias, train=train)
-        x = norm("attention_layer_norm")(x + drop(y))
+        y = self.attention()(x, bias, train=train)
+        x = self.norm("attention_layer_norm")(x + self.drop(y, train))
         y = nn.Dense(
             self.intermediate_size, dtype=self.dtype, kernel_init=init, name="intermediate"
         )(x)
         y = activation(self.hidden_act)(y)
         y = nn.Dense(x.shape[-1], dtype=self.dtype, kernel_init=init, name="output")(y)
-        return norm("output_layer_norm")(x + drop(y))
+        return self.norm("output_layer_norm")(x + self.drop(y, train))
 
 
 class BertEmbeddings(nn.Module):

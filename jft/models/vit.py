@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jft.models._transformer import Encoder, SelfAttention
+from jft.models._transformer import Encoder, EncoderBlock
 from jft.models.layers import activation, fields_for
 from jft.models.registry import register
 
@@ -183,35 +183,20 @@ class ViTEmbeddings(nn.Module):
         return nn.Dropout(self.dropout_rate)(x, deterministic=not train)
 
 
-class ViTLayer(nn.Module):
+class ViTLayer(EncoderBlock):
     """One pre-norm block: ``x + attn(norm1(x))``, then ``x + mlp(norm2(x))``."""
 
-    num_heads: int
     mlp_dim: int
-    hidden_act: str = "gelu"
-    dropout_rate: float = 0.0
-    attention_dropout_rate: float = 0.0
-    layer_norm_eps: float = 1e-6
-    qkv_bias: bool = True
-    dtype: Dtype = jnp.float32
+    qkv_bias: bool
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         """``(B, T, D)`` -> ``(B, T, D)``."""
-        norm = lambda name: nn.LayerNorm(self.layer_norm_eps, dtype=self.dtype, name=name)
-        drop = lambda y: nn.Dropout(self.dropout_rate)(y, deterministic=not train)
-        y = SelfAttention(
-            self.num_heads,
-            self.attention_dropout_rate,
-            use_bias=self.qkv_bias,
-            dtype=self.dtype,
-            name="attention",
-        )(norm("norm1")(x), train=train)
-        x = x + drop(y)
+        x = x + self.drop(self.attention(self.qkv_bias)(self.norm("norm1")(x), train=train), train)
         y = ViTMlp(self.mlp_dim, self.hidden_act, self.dropout_rate, self.dtype, name="mlp")(
-            norm("norm2")(x), train=train
+            self.norm("norm2")(x), train=train
         )
-        return x + drop(y)
+        return x + self.drop(y, train)
 
 
 class ViTMlp(nn.Module):
