@@ -56,7 +56,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.rules = (("head/.*", {"lr": 5e-4}),)
     c.layerwise_lr.decay = 0.9
     c.layerwise_lr.num_layers = 6
-    # No clip_grad_norm: each optimizer group would clip by its own norm, not the global one.
+    c.clip_grad_norm = 1.0  # global: over every trainable parameter, all groups together
     # Schedule
     c.schedule.name = "warmup_cosine"
     c.schedule.warmup_steps = 200

@@ -23,6 +23,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
+import jax
 import jax.numpy as jnp
 import optax
 
@@ -32,10 +33,12 @@ from jft.errors import JftError
 
 __all__ = [
     "FROZEN",
+    "GLOBAL_NORM",
     "PartitionError",
     "PartitionState",
     "Rule",
     "Rules",
+    "clip_by_global_norm",
     "is_frozen",
     "labels",
     "merge",
@@ -245,7 +248,50 @@ class PartitionState(NamedTuple):
     inner_states: tuple[Any, ...]
 
 
-def optimizer(rules: Rules) -> optax.GradientTransformation:
+GLOBAL_NORM = "global_grad_norm"
+"""The extra argument by which :func:`optimizer` tells each rule the norm of all its updates."""
+
+
+def clip_by_global_norm(max_norm: jax.typing.ArrayLike) -> optax.GradientTransformationExtraArgs:
+    r"""``optax.clip_by_global_norm`` that clips by the norm of *every* trainable gradient.
+
+    .. math::
+
+        g \leftarrow g \cdot \min\left(1, \frac{c}{\lVert g_{\text{all}} \rVert_2}\right)
+
+    Inside a rule of :func:`optimizer`, :math:`g_{\text{all}}` is the gradient of
+    every trainable parameter, all rules together (frozen ones excluded), which
+    :func:`optimizer` passes as the extra argument ``global_grad_norm``; so each
+    rule's ``optax.chain(clip_by_global_norm(c), tx)`` scales by the same factor,
+    as ``torch.nn.utils.clip_grad_norm_`` over all parameters before the
+    per-group optimizers. Alone, it is ``optax.clip_by_global_norm`` (same
+    formula, same empty state).
+
+    Args:
+      max_norm: the largest norm :math:`c` (``> 0``).
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` with an empty state.
+
+    Note:
+      ``optax.clip_by_global_norm`` in a rule clips by that rule's own norm.
+    """
+
+    def update_fn(updates, state, params=None, **extra_args: Any):
+        del params
+        norm = extra_args.get(GLOBAL_NORM)
+        norm = optax.tree.norm(updates) if norm is None else norm
+        trigger = jnp.squeeze(norm < max_norm)  # optax's formula, a select per leaf
+
+        def clip(t):
+            return jax.lax.select(trigger, t, (t / norm.astype(t.dtype)) * max_norm)
+
+        return jax.tree.map(clip, updates), state
+
+    return optax.GradientTransformationExtraArgs(optax.init_empty_state, update_fn)
+
+
+def optimizer(rules: Rules) -> optax.GradientTransformationExtraArgs:
     """One optimizer per rule, applied to the leaves the rule claims.
 
     The contract: give it the *trainable* half of :func:`split` (that is what
@@ -258,8 +304,12 @@ def optimizer(rules: Rules) -> optax.GradientTransformation:
     Args:
       rules: ``(regex, optimizer_or_None)`` pairs, as for :func:`labels`.
 
+    Each rule's ``update`` is given the extra argument ``global_grad_norm``, the
+    norm of the updates of all its trainable rules, which
+    :func:`clip_by_global_norm` reads.
+
     Returns:
-      An ``optax.GradientTransformation`` with state :class:`PartitionState`.
+      An ``optax.GradientTransformationExtraArgs`` with state :class:`PartitionState`.
 
     Raises:
       PartitionError: at ``init``/``update``, a leaf that matches no rule, or a bad
@@ -289,8 +339,10 @@ def optimizer(rules: Rules) -> optax.GradientTransformation:
             )
         )
 
-    def update_fn(updates, state, params=None):
+    def update_fn(updates, state, params=None, **extra_args: Any):
         update_groups = groups(updates)
+        trained = [u for (_, tx), u in zip(rules, update_groups, strict=True) if tx is not None]
+        extra_args = {GLOBAL_NORM: optax.tree.norm(trained), **extra_args}
         param_groups = groups(params) if params is not None else [None] * len(rules)
         flat_out: dict[str, Any] = {}
         inner_states = []
@@ -300,7 +352,7 @@ def optimizer(rules: Rules) -> optax.GradientTransformation:
             if tx is None:
                 inner_states.append(None)
                 continue
-            u, s = tx.update(u, s, p)
+            u, s = optax.with_extra_args_support(tx).update(u, s, p, **extra_args)
             flat_out.update(_flatten(u))
             inner_states.append(s)
         # Leaves of frozen rules (only present when given the full tree) get zeros.
@@ -309,4 +361,4 @@ def optimizer(rules: Rules) -> optax.GradientTransformation:
         )
         return new_updates, PartitionState(tuple(inner_states))
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -124,14 +124,8 @@ def _at(tree, path):
             {"layerwise_lr__decay": 1.5},
             "config key 'layerwise_lr.decay' is 1.5; it must be in (0, 1] (1: off)",
         ),
-        (
-            {"rules": (("head/.*", {"lr": 1e-2}),), "clip_grad_norm": 1.0},
-            "config key 'clip_grad_norm' is 1.0, but the rules train 2 groups with optimizers "
-            "of their own, each of which would clip by its own norm, not the global one; set "
-            "clip_grad_norm=0.0 or train one group",
-        ),
     ],
-    ids=["unknown_arg", "negative_lr", "bad_regex", "not_a_pair", "no_layers", "decay", "clip"],
+    ids=["unknown_arg", "negative_lr", "bad_regex", "not_a_pair", "no_layers", "decay"],
 )
 def test_config_rule_mistakes_are_one_line_errors(keys, line):
     with pytest.raises(config_lib.ConfigError) as e:

@@ -146,7 +146,8 @@ def _optimizer(
         place = f"config key '{where[key]}'" if key else f"the {name} settings"
         raise ConfigError(f"{place}: {msg}") from None
     if config.clip_grad_norm:
-        tx = optax.chain(optax.clip_by_global_norm(config.clip_grad_norm), tx)
+        # Global: the partitioned optimizer gives it the norm of every trainable gradient.
+        tx = optax.chain(partition.clip_by_global_norm(config.clip_grad_norm), tx)
     return tx
 
 
