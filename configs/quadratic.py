@@ -23,8 +23,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.theta0 = -3.0
     c.target = 2.0
     c.num_steps = 200
-    # Optimizer: each rule with its hyperparameters (sgd sees a noisy minibatch gradient).
-    c.rules = ml_collections.ConfigDict(
+    # Optimizer: each jft.optim optimizer by name, with its arguments (sgd sees a noisy
+    # minibatch gradient). Not partition rules: this study has no model to partition.
+    c.optimizers = ml_collections.ConfigDict(
         {
             "gradient_descent": {"lr": 0.1},
             "sgd": {"lr": 0.05, "noise": 0.5},

@@ -176,7 +176,7 @@ def test_recipe_parses_and_builds(path, data_dir):
     config = get_config(path)
     assert isinstance(config, ml_collections.ConfigDict)
     if config.get("program") == "jft.train.quadratic:run_quadratic":
-        for rule, kwargs in config.rules.items():
+        for rule, kwargs in config.optimizers.items():
             assert callable(getattr(jft.optim, rule)), rule
             assert "lr" in kwargs, rule
         return
@@ -309,13 +309,13 @@ def test_quadratic_program_writes_table_and_plot(tmp_path, capsys):
     config = get_config(CONFIGS_DIR / "quadratic.py")
     config.num_steps = 5
     results = jft.train.train_and_evaluate(config, tmp_path)
-    assert set(results) == set(config.rules)
+    assert set(results) == set(config.optimizers)
     stored = json.loads((tmp_path / "results.json").read_text())
-    assert set(stored) == set(config.rules)
+    assert set(stored) == set(config.optimizers)
     img = Image.open(tmp_path / "plots" / "quadratic.png")
     assert img.size[0] > 300 and img.size[1] > 200
     out = capsys.readouterr().out
-    for rule in config.rules:
+    for rule in config.optimizers:
         assert rule in out
 
 

@@ -59,7 +59,8 @@ def trajectory(
 
 
 def run_quadratic(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Runs every rule of ``config.rules`` (name -> kwargs); writes the plot and a JSON summary.
+    """Runs every optimizer of ``config.optimizers`` (``jft.optim`` name -> kwargs); writes the
+    plot and a JSON summary.
 
     Returns:
       ``{rule: {"theta": final θ, "error": |θ − target|}}``.
@@ -71,8 +72,8 @@ def run_quadratic(config: ml_collections.ConfigDict, workdir: str) -> dict[str, 
 
     os.makedirs(os.path.join(workdir, "plots"), exist_ok=True)
     results, curves = {}, {}
-    rules: Mapping[str, Any] = config.rules
-    for name, kwargs in rules.items():
+    optimizers: Mapping[str, Any] = config.optimizers
+    for name, kwargs in optimizers.items():
         kwargs = dict(kwargs)
         noise = kwargs.pop("noise", 0.0)
         tx = getattr(optim, name)(**kwargs)
