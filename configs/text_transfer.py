@@ -37,7 +37,7 @@ from scratch, and full fine-tuning beats LoRA, whose frozen base (embeddings
 and head included) was learned on code. One seed and a small held-out set: the
 gaps are larger than run-to-run noise is likely to be, but that was not
 measured. ``configs/text_transfer.py:tiny`` runs two steps per stage on a tiny
-model (tests/test_corpora.py).
+model (a minute of CPU); tests/test_corpora.py builds its stages and takes a LoRA step.
 """
 
 import ml_collections
