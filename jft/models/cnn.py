@@ -9,7 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jft.models.layers import BatchNorm, conv_general_dilated, max_pool
+from jft.models.layers import ImageClassifier, batch_norm, conv, max_pool
 from jft.models.registry import register
 
 __all__ = ["CNN", "CNNBackbone", "cnn"]
@@ -39,28 +39,15 @@ class CNNBackbone(nn.Module):
         for i, w in enumerate(self.widths):
             if i and min(x.shape[1:3]) >= 2:
                 x = max_pool(x, (2, 2), (2, 2))
-            x = nn.Conv(
-                w,
-                (3, 3),
-                padding=((1, 1), (1, 1)),
-                use_bias=False,
-                dtype=self.dtype,
-                conv_general_dilated=conv_general_dilated,
-                name=f"conv{i + 1}",
-            )(x)
-            x = BatchNorm(
-                dtype=self.dtype,
-                frozen=self.frozen_bn,
-                axis_name=self.bn_axis_name,
-                name=f"bn{i + 1}",
-            )(x, train)
+            x = conv(w, 3, dtype=self.dtype, name=f"conv{i + 1}")(x)
+            x = batch_norm(self, f"bn{i + 1}")(x, train)
             x = nn.relu(x)
         if features_only:
             return x
         return jnp.mean(x, axis=(1, 2))
 
 
-class CNN(nn.Module):
+class CNN(ImageClassifier):
     """A small CNN: ``backbone/conv{i}``, ``backbone/bn{i}``, dropout, ``head``.
 
     For NHWC images from 8×8 (sklearn digits, 8×8×1; a ``(B, H, W)`` input is
@@ -95,16 +82,9 @@ class CNN(nn.Module):
         if self.num_classes:
             self.head = nn.Dense(self.num_classes, dtype=self.dtype)
 
-    def features(self, x: jax.Array, train: bool = False) -> jax.Array:
-        """The last feature map ``(B, H, W, C)``."""
-        return self.backbone(x, train, features_only=True)
-
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        """Logits ``(B, num_classes)``, or pooled features when ``num_classes=0``."""
-        x = self.backbone(x, train)
-        if not self.num_classes:
-            return x
-        return self.head(self.dropout(x, deterministic=not train))
+    def before_head(self, x: jax.Array, train: bool) -> jax.Array:
+        """Dropout before the head in train mode."""
+        return self.dropout(x, deterministic=not train)
 
 
 @register("cnn")

@@ -26,8 +26,11 @@ __all__ = [
     "ActivationError",
     "BatchNorm",
     "activation",
+    "ImageClassifier",
     "adaptive_avg_pool",
+    "batch_norm",
     "compiler_options",
+    "conv",
     "conv_general_dilated",
     "fields_for",
     "is_frozen",
@@ -176,6 +179,51 @@ def torch_padding(kernel_size: int) -> tuple[tuple[int, int], tuple[int, int]]:
     """
     p = kernel_size // 2
     return ((p, p), (p, p))
+
+
+def conv(
+    features: int, kernel: int, stride: int = 1, *, use_bias: bool = False, dtype: Any, name: str
+) -> nn.Conv:
+    """A square convolution as PyTorch's ``Conv2d(padding=kernel // 2)``, through :mod:`jft.ops`."""
+    return nn.Conv(
+        features,
+        (kernel, kernel),
+        (stride, stride),
+        padding=torch_padding(kernel),
+        use_bias=use_bias,
+        dtype=dtype,
+        conv_general_dilated=conv_general_dilated,
+        name=name,
+    )
+
+
+def batch_norm(owner: nn.Module, name: str) -> BatchNorm:
+    """A :class:`BatchNorm` with ``owner``'s ``dtype``, ``frozen_bn`` and ``bn_axis_name``."""
+    return BatchNorm(
+        dtype=owner.dtype, frozen=owner.frozen_bn, axis_name=owner.bn_axis_name, name=name
+    )
+
+
+class ImageClassifier(nn.Module):
+    """The calls of the image classifiers (CNN, ResNet, VGG): a ``backbone``, then a ``head``.
+
+    A subclass's ``setup`` makes ``self.backbone``, called as ``backbone(x, train,
+    features_only=...)``, and, when ``num_classes`` is not 0, ``self.head``.
+    """
+
+    def before_head(self, x: jax.Array, train: bool) -> jax.Array:
+        """The pooled features on their way to the head (CNN: dropout); here unchanged."""
+        del train
+        return x
+
+    def features(self, x: jax.Array, train: bool = False) -> jax.Array:
+        """The last feature map ``(B, H, W, C)``."""
+        return self.backbone(x, train, features_only=True)
+
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        """Logits ``(B, num_classes)``, or the pooled features when ``num_classes=0``."""
+        x = self.backbone(x, train)
+        return self.head(self.before_head(x, train)) if self.num_classes else x
 
 
 def fields_for(module: type[nn.Module], source: nn.Module, **overrides: Any) -> dict[str, Any]:

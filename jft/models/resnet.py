@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jft.models.layers import BatchNorm, conv_general_dilated, max_pool, torch_padding
+from jft.models.layers import ImageClassifier, batch_norm, conv, max_pool
 from jft.models.registry import register
 
 __all__ = ["ResNet", "ResNetBackbone", "ResNetBlock", "resnet", "resnet18", "resnet34", "resnet50"]
@@ -49,42 +49,29 @@ class ResNetBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        def conv(y, features, k, s, name):
-            return nn.Conv(
-                features,
-                (k, k),
-                (s, s),
-                padding=torch_padding(k),
-                use_bias=False,
-                dtype=self.dtype,
-                conv_general_dilated=conv_general_dilated,
-                name=name,
-            )(y)
-
-        def bn(y, name):
-            return BatchNorm(
-                dtype=self.dtype, frozen=self.frozen_bn, axis_name=self.bn_axis_name, name=name
-            )(y, train)
+        def conv_bn(y, features, k, s, name, bn_name):
+            y = conv(features, k, s, dtype=self.dtype, name=name)(y)
+            return batch_norm(self, bn_name)(y, train)
 
         s = self.strides
         if self.block == "basic":
-            y = nn.relu(bn(conv(x, self.features, 3, s, "conv1"), "bn1"))
-            y = bn(conv(y, self.features, 3, 1, "conv2"), "bn2")
+            y = nn.relu(conv_bn(x, self.features, 3, s, "conv1", "bn1"))
+            y = conv_bn(y, self.features, 3, 1, "conv2", "bn2")
         elif self.block == "bottleneck":
             mid = self.features // 4
             s1, s3 = (s, 1) if self.stride_in_1x1 else (1, s)
-            y = nn.relu(bn(conv(x, mid, 1, s1, "conv1"), "bn1"))
-            y = nn.relu(bn(conv(y, mid, 3, s3, "conv2"), "bn2"))
-            y = bn(conv(y, self.features, 1, 1, "conv3"), "bn3")
+            y = nn.relu(conv_bn(x, mid, 1, s1, "conv1", "bn1"))
+            y = nn.relu(conv_bn(y, mid, 3, s3, "conv2", "bn2"))
+            y = conv_bn(y, self.features, 1, 1, "conv3", "bn3")
         else:
             raise ValueError(f"unknown block {self.block!r}; expected 'basic' or 'bottleneck'")
         if x.shape[-1] != self.features or s != 1:
-            x = bn(conv(x, self.features, 1, s, "downsample_conv"), "downsample_bn")
+            x = conv_bn(x, self.features, 1, s, "downsample_conv", "downsample_bn")
         return nn.relu(y + x)
 
 
 class ResNetBackbone(nn.Module):
-    """The ResNet trunk: stem and stages; returns the last feature map (NHWC).
+    """The ResNet trunk: stem and stages, then a global average pool.
 
     Attributes: see :class:`ResNet`.
     """
@@ -100,21 +87,11 @@ class ResNetBackbone(nn.Module):
     bn_axis_name: str | None = None
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool = False, features_only: bool = False) -> jax.Array:
+        """NHWC images -> pooled features ``(B, C)``, or the last feature map."""
         x = jnp.asarray(x, self.dtype)
-        x = nn.Conv(
-            self.stem_width,
-            (7, 7),
-            (2, 2),
-            padding=torch_padding(7),
-            use_bias=False,
-            dtype=self.dtype,
-            conv_general_dilated=conv_general_dilated,
-            name="conv1",
-        )(x)
-        x = BatchNorm(
-            dtype=self.dtype, frozen=self.frozen_bn, axis_name=self.bn_axis_name, name="bn1"
-        )(x, train)
+        x = conv(self.stem_width, 7, 2, dtype=self.dtype, name="conv1")(x)
+        x = batch_norm(self, "bn1")(x, train)
         x = nn.relu(x)
         x = max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
         for i, (n, width) in enumerate(zip(self.stage_sizes, self.widths, strict=True)):
@@ -130,10 +107,10 @@ class ResNetBackbone(nn.Module):
                     self.bn_axis_name,
                     name=f"layer{i + 1}_{j}",
                 )(x, train)
-        return x
+        return x if features_only else jnp.mean(x, axis=(1, 2))
 
 
-class ResNet(nn.Module):
+class ResNet(ImageClassifier):
     """A ResNet classifier: ``backbone`` (stem, stages), global average pool, ``head``.
 
     ``model.apply(variables, x, train=False)`` returns logits ``(B, num_classes)``,
@@ -183,15 +160,6 @@ class ResNet(nn.Module):
         )
         if self.num_classes:
             self.head = nn.Dense(self.num_classes, dtype=self.dtype)
-
-    def features(self, x: jax.Array, train: bool = False) -> jax.Array:
-        """The last feature map ``(B, H, W, C)``."""
-        return self.backbone(x, train)
-
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        """Logits ``(B, num_classes)``, or pooled features when ``num_classes=0``."""
-        x = jnp.mean(self.backbone(x, train), axis=(1, 2))
-        return self.head(x) if self.num_classes else x
 
 
 @register("resnet")

@@ -23,7 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jft.models.layers import adaptive_avg_pool, conv_general_dilated, max_pool
+from jft.models.layers import ImageClassifier, adaptive_avg_pool, conv, max_pool
 from jft.models.registry import register
 
 __all__ = ["LAYOUTS", "VGG", "VGGBackbone", "VGGFlattenHead", "vgg", "vgg16", "vgg16_flatten"]
@@ -57,14 +57,8 @@ class VGGBackbone(nn.Module):
         x = jnp.asarray(x, self.dtype)
         for b, (n, width) in enumerate(zip(self.stage_sizes, self.widths, strict=True)):
             for i in range(n):
-                x = nn.Conv(
-                    width,
-                    (3, 3),
-                    padding=((1, 1), (1, 1)),
-                    dtype=self.dtype,
-                    conv_general_dilated=conv_general_dilated,
-                    name=f"conv{b + 1}_{i + 1}",
-                )(x)
+                name = f"conv{b + 1}_{i + 1}"
+                x = conv(width, 3, use_bias=True, dtype=self.dtype, name=name)(x)
                 x = nn.relu(x)
             x = max_pool(x, (2, 2), (2, 2))
         if features_only:
@@ -90,7 +84,7 @@ class VGGBackbone(nn.Module):
         return jnp.mean(x, axis=(1, 2))
 
 
-class VGG(nn.Module):
+class VGG(ImageClassifier):
     """A VGG classifier: ``backbone`` (convs, fc6, fc7) and ``head``.
 
     ``model.apply(variables, x, train=False)`` returns logits ``(B, num_classes)``
@@ -136,15 +130,6 @@ class VGG(nn.Module):
         )
         if self.num_classes:
             self.head = nn.Dense(self.num_classes, dtype=self.dtype)
-
-    def features(self, x: jax.Array, train: bool = False) -> jax.Array:
-        """The last conv feature map ``(B, H, W, C)``, after the last max pool."""
-        return self.backbone(x, train, features_only=True)
-
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        """Logits ``(B, num_classes)``, or the backbone's output when ``num_classes=0``."""
-        x = self.backbone(x, train)
-        return self.head(x) if self.num_classes else x
 
 
 @register("vgg")
