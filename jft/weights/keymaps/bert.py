@@ -12,12 +12,8 @@ Export (layout ``"hf"``) writes ``BertModel`` names, or, when the variables hold
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
-import numpy as np
-
-from jft.weights.keymaps import register, register_inverse
-from jft.weights.keymaps._table import EMBED, LINEAR, NORM, Rule, Table
+from jft.weights.keymaps._hf import find_prefix, hf_keymap
+from jft.weights.keymaps._table import EMBED, LINEAR, NORM, Rule
 
 __all__ = ["HEAD_PREFIX", "RULES", "convert", "export", "find_prefix"]
 
@@ -43,29 +39,4 @@ RULES = (
 HEAD_PREFIX = "bert."  # the BertFor* classes keep the encoder under this prefix
 
 
-def find_prefix(flat: Mapping[str, np.ndarray], anchor: str) -> str | None:
-    """The prefix before ``anchor`` in ``flat``'s names (``""``, ``"bert."``...), or None."""
-    for name in flat:
-        if name.endswith(anchor):
-            return name[: -len(anchor)]
-    return None
-
-
-@register("bert")
-def convert(flat: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], list[str]]:
-    """Maps Hugging Face BERT names to ``params/backbone/...`` and ``params/head/...``."""
-    prefix = find_prefix(flat, _ANCHOR)
-    if prefix is None:
-        return {}, list(flat)
-    return Table(RULES, prefix=prefix).forward(flat)
-
-
-@register_inverse("bert", layouts=("hf",))
-def export(
-    mapped: Mapping[str, np.ndarray], layout: str = "hf"
-) -> tuple[dict[str, np.ndarray], list[str]]:
-    """jft BERT variables -> ``BertModel`` names (``BertForSequenceClassification`` with a head)."""
-    if layout != "hf":
-        raise ValueError(f"bert exports to layout 'hf', not {layout!r}")
-    has_head = any(p.startswith("params/head/") for p in mapped)
-    return Table(RULES, prefix=HEAD_PREFIX if has_head else "").inverse(mapped)
+convert, export = hf_keymap("bert", RULES, _ANCHOR, HEAD_PREFIX, head_only=True)

@@ -12,13 +12,8 @@ Export (layout ``"hf"``) writes ``GPT2LMHeadModel`` names from the same table.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
-import numpy as np
-
-from jft.weights.keymaps import register, register_inverse
-from jft.weights.keymaps._table import EMBED, LINEAR, NORM, Kind, Leaf, Rule, Table
-from jft.weights.keymaps.bert import find_prefix
+from jft.weights.keymaps._hf import hf_keymap
+from jft.weights.keymaps._table import EMBED, LINEAR, NORM, Kind, Leaf, Rule
 
 __all__ = ["CONV1D", "PREFIX", "RULES", "convert", "export"]
 
@@ -42,20 +37,4 @@ RULES = (
 PREFIX = "transformer."  # GPT2LMHeadModel keeps the decoder under this prefix
 
 
-@register("gpt2")
-def convert(flat: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], list[str]]:
-    """Maps Hugging Face GPT-2 names to ``params/backbone/...`` (and ``params/lm_head``)."""
-    prefix = find_prefix(flat, _ANCHOR)
-    if prefix is None:
-        return {}, list(flat)
-    return Table(RULES, prefix=prefix).forward(flat)
-
-
-@register_inverse("gpt2", layouts=("hf",))
-def export(
-    mapped: Mapping[str, np.ndarray], layout: str = "hf"
-) -> tuple[dict[str, np.ndarray], list[str]]:
-    """jft GPT-2 variables -> ``GPT2LMHeadModel`` names."""
-    if layout != "hf":
-        raise ValueError(f"gpt2 exports to layout 'hf', not {layout!r}")
-    return Table(RULES, prefix=PREFIX).inverse(mapped)
+convert, export = hf_keymap("gpt2", RULES, _ANCHOR, PREFIX)

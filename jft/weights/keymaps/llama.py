@@ -13,13 +13,8 @@ Export (layout ``"hf"``) writes ``*ForCausalLM`` names from the same table.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
-import numpy as np
-
-from jft.weights.keymaps import register, register_inverse
-from jft.weights.keymaps._table import EMBED, LINEAR, NORM, Rule, Table
-from jft.weights.keymaps.bert import find_prefix
+from jft.weights.keymaps._hf import hf_keymap
+from jft.weights.keymaps._table import EMBED, LINEAR, NORM, Rule
 
 __all__ = ["PREFIX", "RULES", "convert", "export"]
 
@@ -47,20 +42,4 @@ RULES = (
 PREFIX = "model."  # *ForCausalLM keeps the decoder under this prefix
 
 
-@register("llama")
-def convert(flat: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], list[str]]:
-    """Maps Hugging Face Llama-family names to ``params/backbone/...`` and ``params/lm_head``."""
-    prefix = find_prefix(flat, _ANCHOR)
-    if prefix is None:
-        return {}, list(flat)
-    return Table(RULES, prefix=prefix).forward(flat)
-
-
-@register_inverse("llama", layouts=("hf",))
-def export(
-    mapped: Mapping[str, np.ndarray], layout: str = "hf"
-) -> tuple[dict[str, np.ndarray], list[str]]:
-    """jft Llama-family variables -> ``*ForCausalLM`` names."""
-    if layout != "hf":
-        raise ValueError(f"llama exports to layout 'hf', not {layout!r}")
-    return Table(RULES, prefix=PREFIX).inverse(mapped)
+convert, export = hf_keymap("llama", RULES, _ANCHOR, PREFIX)

@@ -28,8 +28,8 @@ from typing import Any
 import numpy as np
 
 from jft.weights.keymaps import register, register_inverse
+from jft.weights.keymaps._hf import find_prefix
 from jft.weights.keymaps._table import CONV, LINEAR, NORM, TENSOR, Rule, Table
-from jft.weights.keymaps.bert import find_prefix
 
 __all__ = ["HEAD_PREFIX", "HF_RULES", "TIMM_RULES", "convert", "export", "fit_pos_embed"]
 
