@@ -2,8 +2,11 @@
 
 Each run is the real command (``python -m jft.cli train``) in a subprocess on the
 offline digits data, with asynchronous orbax checkpoints every 4 steps. The
-killed-and-resumed run must end with parameters bitwise equal to an uninterrupted
-run, and a ``metrics.jsonl`` with every step once and the same losses bit for bit.
+killed-and-resumed run must end with every array of its final state (parameters,
+optimizer state) bitwise equal to an uninterrupted run's, and a ``metrics.jsonl``
+with every step once and the same losses bit for bit. So must a LoRA run
+(issue 17), whose checkpoints hold the adapters and the new head but not the
+frozen base (the uninterrupted full run, which it fine-tunes on other classes).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import pytest
 
 from jft.train import checkpoint as ckpt_lib
 
-STEPS = 64
+STEPS = 32
 RECIPE = """
 import ml_collections
 from jft.train import default_config
@@ -41,6 +44,16 @@ def get_config(arg=None):
     c.progress = False
     c.checkpoint.every = 4
     c.checkpoint.keep = 2
+    return c
+"""
+LORA = """
+    c.data.keep_classes = (5, 6, 7, 8, 9)
+    c.init.path = BASE
+    c.init.skip = ("head/.*",)
+    c.lora.targets = (r"backbone/conv\\d",)
+    c.lora.rank = 2
+    c.lora.alpha = 4.0
+    c.lora.modules_to_save = ("head",)
     return c
 """
 
@@ -125,16 +138,42 @@ def reference(recipe, data_dir, tmp_path_factory):
     return workdir
 
 
-def _final_params(workdir):
-    return ckpt_lib.read_params(workdir)
+@pytest.fixture(scope="module")
+def lora_recipe(reference, tmp_path_factory):
+    """LoRA on the reference run's convolutions, a new head for the other five digits."""
+    path = tmp_path_factory.mktemp("recipes") / "tiny_lora.py"
+    body = RECIPE.replace("WIDTHS", "(8, 16)").replace("STEPS", str(STEPS))
+    path.write_text(body.replace("    return c\n", LORA.replace("BASE", repr(str(reference)))))
+    return path
+
+
+@pytest.fixture(scope="module")
+def lora_reference(lora_recipe, data_dir, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("lora_ref") / "run"
+    _run(lora_recipe, workdir, data_dir)
+    return workdir
+
+
+def _final_arrays(workdir):
+    """Every array of the final step's saved state (parameters, optimizer state, step), by path."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    with ocp.StandardCheckpointer() as ckptr:
+        state = ckptr.restore(os.path.join(workdir, "checkpoints", str(STEPS), "state"))
+    leaves = jax.tree_util.tree_flatten_with_path(state)[0]
+    return {jax.tree_util.keystr(k): np.asarray(v) for k, v in leaves}
 
 
 def _assert_same_run(workdir, reference):
-    got, want = _final_params(workdir), _final_params(reference)
-    assert sorted(got) == sorted(want)
-    for k in want:
-        assert got[k].dtype == want[k].dtype
-        np.testing.assert_array_equal(got[k], want[k], err_msg=k)  # bitwise
+    for got, want in (
+        (ckpt_lib.read_params(workdir), ckpt_lib.read_params(reference)),
+        (_final_arrays(workdir), _final_arrays(reference)),
+    ):
+        assert sorted(got) == sorted(want)
+        for k in want:
+            assert got[k].dtype == want[k].dtype
+            np.testing.assert_array_equal(got[k], want[k], err_msg=k)  # bitwise
     steps = _steps(workdir)
     assert steps == list(range(1, STEPS + 1)), f"steps missing or repeated: {steps}"
     for a, b in zip(_records(workdir), _records(reference), strict=True):
@@ -152,13 +191,16 @@ def _wait_until(pred, proc, timeout=240):
     return True
 
 
-def test_sigkill_at_random_moments_resumes_bitwise(recipe, data_dir, reference, tmp_path):
-    rng = random.Random(0)
+@pytest.mark.parametrize("kind", ["full", "lora"])
+def test_sigkill_at_random_moments_resumes_bitwise(kind, data_dir, request, tmp_path):
+    recipe = request.getfixturevalue("recipe" if kind == "full" else "lora_recipe")
+    reference = request.getfixturevalue("reference" if kind == "full" else "lora_reference")
+    rng = random.Random(0 if kind == "full" else 1)
     workdir = tmp_path / "killed"
     metrics = workdir / "metrics.jsonl"
     ckdir = workdir / "checkpoints"
     # Kill points by step, so they spread over the run however fast the machine is.
-    targets = sorted(rng.sample(range(3, STEPS - 4), 6))
+    targets = sorted(rng.sample(range(3, STEPS - 4), 2))  # one in a step, one in a save
     kills = []
     for i, target in enumerate(targets):
         inode = metrics.stat().st_ino if metrics.exists() else None
@@ -187,17 +229,25 @@ def test_sigkill_at_random_moments_resumes_bitwise(recipe, data_dir, reference, 
         else:
             assert proc.returncode == 0, proc.stderr.read()[-3000:]
             break
-    print(f"SIGKILL at steps {kills} (targets {targets})")
-    assert len(kills) >= 5, f"only {len(kills)} kills landed before the run ended: {kills}"
-    # And once in the window after the final checkpoint, before the run ends (closing
-    # the checkpointer, plots, the summary): the rerun once logged the last step twice.
-    proc = _spawn(recipe, workdir, data_dir, subprocess.DEVNULL)
-    assert _wait_until((ckdir / str(STEPS)).exists, proc), proc.stderr.read()[-3000:]
-    assert proc.poll() is None, "the run ended before the kill in its final window"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    print(f"{kind}: SIGKILL at steps {kills} (targets {targets})")
+    assert len(kills) == len(targets), f"only {kills} landed before the run ended"
+    if kind == "full":
+        # And once in the window after the final checkpoint, before the run ends (closing
+        # the checkpointer, plots, the summary): the rerun once logged the last step twice.
+        proc = _spawn(recipe, workdir, data_dir, subprocess.DEVNULL)
+        assert _wait_until((ckdir / str(STEPS)).exists, proc), proc.stderr.read()[-3000:]
+        assert proc.poll() is None, "the run ended before the kill in its final window"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
     _run(recipe, workdir, data_dir)  # the same command again finishes the run
     _assert_same_run(workdir, reference)
+    if kind == "lora":  # adapter-only checkpoints: no frozen array, the base named instead
+        for step in ckpt_lib.read_metadata(ckdir).steps:
+            meta = ckpt_lib.read_metadata(ckdir, step=step)
+            assert not [p for p in meta.arrays if p.startswith("frozen/")], step
+            assert any(p.endswith("lora_B") for p in meta.arrays)
+            assert meta.base["path"] == str(request.getfixturevalue("reference"))
+        assert "params/backbone/conv1/kernel" in ckpt_lib.read_params(workdir)  # from the base
 
 
 def test_sigterm_saves_and_exits_cleanly(recipe, data_dir, reference, tmp_path):
