@@ -19,12 +19,12 @@ Run (a few minutes on 2 CPU cores):
     jft train --config configs/minilm_lora.py:full --workdir runs/minilm_full
     python benchmarks/lora_accuracy.py     # all four, one after another: table and plot
 
-Result (2 CPU cores shared with other jobs; ``benchmarks/lora_accuracy.py
---steps 30 --eval "test[:300]"``), test accuracy after 30 steps of 16 tweets (the
-majority class is 0.417; the standard error is about 0.03): LoRA 0.557 training
-74,883 of 22.6M parameters (0.33 %), head-only 0.630, full fine-tuning 0.557,
-from scratch 0.587. So small a budget ranks nothing; the recipe's 100 steps are
-not measured yet. See the LoRA section of README.md.
+Result (``python benchmarks/lora_accuracy.py``: the recipe's 100 steps of 16
+tweets, the whole test split of 3,724 tweets, majority class 0.429, standard
+error about 0.008; one seed): test accuracy LoRA 0.668 training 74,883 of 22.6M
+parameters (0.33 %), head-only 0.677, full fine-tuning 0.695, from scratch 0.601.
+Pretrained beats scratch by 7-9 points; LoRA is level with the head alone at this
+budget, full fine-tuning ahead. See the LoRA section of README.md.
 """
 
 import importlib.resources
