@@ -24,7 +24,7 @@ import pytest
 
 from jft.train import checkpoint as ckpt_lib
 
-STEPS = 32
+STEPS = 24
 RECIPE = """
 import ml_collections
 from jft.train import default_config
