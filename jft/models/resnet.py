@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jft.models.layers import ImageClassifier, batch_norm, conv, max_pool
+from jft.models.layers import ImageClassifier, batch_norm, conv, fields_for, max_pool
 from jft.models.registry import register
 
 __all__ = ["ResNet", "ResNetBackbone", "ResNetBlock", "resnet", "resnet18", "resnet34", "resnet50"]
@@ -24,13 +24,23 @@ __all__ = ["ResNet", "ResNetBackbone", "ResNetBlock", "resnet", "resnet18", "res
 Dtype = Any
 
 
-class ResNetBlock(nn.Module):
+class _BlockFields(nn.Module):
+    """The fields that the trunk passes on to every block (by name, :func:`fields_for`)."""
+
+    block: str = "basic"
+    stride_in_1x1: bool = False
+    dtype: Dtype = jnp.float32
+    frozen_bn: tuple[str, ...] = ()
+    bn_axis_name: str | None = None
+
+
+class ResNetBlock(_BlockFields):
     """A residual block: ``basic`` (two 3×3 convs) or ``bottleneck`` (1×1, 3×3, 1×1).
 
     Attributes:
       features: output channels of the block.
-      block: ``"basic"`` or ``"bottleneck"`` (whose inner width is ``features // 4``).
       strides: the block's stride.
+      block: ``"basic"`` or ``"bottleneck"`` (whose inner width is ``features // 4``).
       stride_in_1x1: bottleneck only: put the stride on the first 1×1 conv
         (ResNet v1, HF ``downsample_in_bottleneck=True``) instead of the 3×3 conv
         (torchvision/timm "v1.5", HF's default).
@@ -39,13 +49,8 @@ class ResNetBlock(nn.Module):
       bn_axis_name: see :class:`ResNet`.
     """
 
-    features: int
-    block: str = "basic"
+    features: int = 64
     strides: int = 1
-    stride_in_1x1: bool = False
-    dtype: Dtype = jnp.float32
-    frozen_bn: tuple[str, ...] = ()
-    bn_axis_name: str | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -70,21 +75,16 @@ class ResNetBlock(nn.Module):
         return nn.relu(y + x)
 
 
-class ResNetBackbone(nn.Module):
+class ResNetBackbone(_BlockFields):
     """The ResNet trunk: stem and stages, then a global average pool.
 
     Attributes: see :class:`ResNet`.
     """
 
-    stage_sizes: Sequence[int]
-    widths: Sequence[int]
-    block: str = "basic"
+    stage_sizes: Sequence[int] = (2, 2, 2, 2)
+    widths: Sequence[int] = (64, 128, 256, 512)
     stem_width: int = 64
     first_stride: int = 1
-    stride_in_1x1: bool = False
-    dtype: Dtype = jnp.float32
-    frozen_bn: tuple[str, ...] = ()
-    bn_axis_name: str | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False, features_only: bool = False) -> jax.Array:
@@ -97,16 +97,8 @@ class ResNetBackbone(nn.Module):
         for i, (n, width) in enumerate(zip(self.stage_sizes, self.widths, strict=True)):
             for j in range(n):
                 strides = (self.first_stride if i == 0 else 2) if j == 0 else 1
-                x = ResNetBlock(
-                    width,
-                    self.block,
-                    strides,
-                    self.stride_in_1x1,
-                    self.dtype,
-                    self.frozen_bn,
-                    self.bn_axis_name,
-                    name=f"layer{i + 1}_{j}",
-                )(x, train)
+                fields = fields_for(ResNetBlock, self, features=width, strides=strides)
+                x = ResNetBlock(**fields, name=f"layer{i + 1}_{j}")(x, train)
         return x if features_only else jnp.mean(x, axis=(1, 2))
 
 
@@ -148,15 +140,13 @@ class ResNet(ImageClassifier):
 
     def setup(self) -> None:
         self.backbone = ResNetBackbone(
-            tuple(self.stage_sizes),
-            tuple(self.widths),
-            self.block,
-            self.stem_width,
-            self.first_stride,
-            self.stride_in_1x1,
-            self.dtype,
-            tuple(self.frozen_bn),
-            self.bn_axis_name,
+            **fields_for(
+                ResNetBackbone,
+                self,
+                stage_sizes=tuple(self.stage_sizes),
+                widths=tuple(self.widths),
+                frozen_bn=tuple(self.frozen_bn),
+            )
         )
         if self.num_classes:
             self.head = nn.Dense(self.num_classes, dtype=self.dtype)
