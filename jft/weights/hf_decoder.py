@@ -19,6 +19,7 @@ from typing import Any
 
 import flax.linen as nn
 
+from jft.models._decoder import layer_types
 from jft.weights._decoders import DECODER_BUILDERS, GPT2_FIELDS, LLAMA_FIELDS
 from jft.weights.restore import WeightsError
 
@@ -138,10 +139,7 @@ def _llama_fields(family: str, model: nn.Module) -> dict[str, Any]:
 
 
 def _layer_types(model: nn.Module) -> tuple[str, ...]:
-    if model.layer_types is not None:
-        return tuple(model.layer_types)
-    kind = "full_attention" if model.sliding_window is None else "sliding_attention"
-    return (kind,) * model.num_layers
+    return layer_types(model.layer_types, model.num_layers, model.sliding_window)
 
 
 def _effective(model: nn.Module) -> dict[str, Any]:
