@@ -120,11 +120,12 @@ def from_pretrained(
         from jft.weights.keymaps.vit import fit_pos_embed
 
         flat = fit_pos_embed(flat, abstract, _vit_grid(model), antialias=model.resize_antialias)
+    # Leaves stay views of the file until placed one by one (with or without a mesh),
+    # so the host holds about one tensor beyond the placed arrays, not the model.
     variables, report = restore(
-        abstract, flat, arch, skip=skip, strict=strict, source=folder, materialize=mesh is None
+        abstract, flat, arch, skip=skip, strict=strict, source=folder, materialize=False
     )
-    if shardings is not None:
-        variables = _place_all(variables, abstract, shardings, folder)
+    variables = _place_all(variables, abstract, shardings, folder, flat)
     if report.kept:
         kept = _init_some(model, rng, example, report.kept)
         if shardings is not None:
@@ -143,15 +144,23 @@ def _flat(tree: Any) -> dict[str, Any]:
     return traverse_util.flatten_dict(unfreeze(tree), sep="/")
 
 
-def _place_all(variables: Any, abstract: Any, shardings: Mapping[str, Any], folder: str) -> Any:
-    """The loaded leaves placed on their shardings one by one; kept ones stay abstract."""
+def _place_all(
+    variables: Any,
+    abstract: Any,
+    shardings: Mapping[str, Any] | None,
+    folder: str,
+    flat: Mapping[str, Any],
+) -> Any:
+    """The loaded leaves placed one by one (on their shardings, or the default device);
+    kept ones stay abstract."""
     dtypes = {p: v.dtype for p, v in _flat(abstract).items()}
     out = {}
     for path, value in _flat(variables).items():
         if isinstance(value, jax.ShapeDtypeStruct):
             out[path] = value
         else:
-            out[path] = place(value, shardings[path], dtypes[path], path=path, source=folder)
+            sharding = None if shardings is None else shardings[path]
+            out[path] = place(value, sharding, dtypes[path], path=path, source=folder, flat=flat)
     return traverse_util.unflatten_dict(out, sep="/")
 
 

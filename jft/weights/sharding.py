@@ -155,9 +155,19 @@ _NONE = object()
 
 
 def place(
-    value: np.ndarray, sharding: NamedSharding, dtype: Any, *, path: str, source: str | None = None
+    value: np.ndarray,
+    sharding: NamedSharding | None,
+    dtype: Any,
+    *,
+    path: str,
+    source: str | None = None,
+    flat: Mapping[str, Any] | None = None,
 ) -> jax.Array:
     """``value`` (a memory-mapped view, maybe transposed) as a ``dtype`` array on ``sharding``.
+
+    ``sharding`` None: the whole array on the default device, uncommitted (as
+    ``jnp.asarray`` puts it), read the same way, so that a load without a mesh also
+    holds about one tensor at a time beyond the placed arrays.
 
     Each distinct shard is read once, in chunks along its outermost dimension in
     memory, and the file pages each chunk touched are released from this process
@@ -165,24 +175,32 @@ def place(
     whole tensor; the copy is its own anonymous mapping, unmapped when dropped (on
     a CPU the device buffers may be it), so the host holds about one shard at a time
     beyond the placed arrays. A shard holding NaN or Inf raises a WeightsError
-    naming ``path``.
+    naming ``path`` (and the file's tensor, when ``flat``, the file's arrays by name,
+    is given).
     """
+    if not isinstance(value, np.ndarray):
+        value = np.asarray(value)
     shape = tuple(value.shape)
-    by_index: dict[tuple, list[jax.Device]] = {}
-    for device, index in sharding.addressable_devices_indices_map(shape).items():
-        by_index.setdefault(_key(index, shape), []).append(device)
+    whole = tuple((0, n) for n in shape)
+    by_index: dict[tuple, list[jax.Device]] = {whole: []}
+    if sharding is not None:
+        by_index = {}
+        for device, index in sharding.addressable_devices_indices_map(shape).items():
+            by_index.setdefault(_key(index, shape), []).append(device)
     mapping = _mapping(value)
     arrays = []
     for key, devices in by_index.items():
         host = _copy(value[tuple(slice(*k) for k in key)], np.dtype(dtype), mapping)
         if not _maybe_finite(host):
-            check_finite({path: host}, {}, source)
-        arrays += [jax.device_put(host, d) for d in devices]
+            check_finite({path: host}, flat or {}, source)
+        arrays += [jax.device_put(host, d) for d in devices] if sharding else [jax.device_put(host)]
         del host
     if mapping is not None and value.size:
         # Fault-around mapped pages beyond the chunks released: release the whole
         # tensor and its margins.
         _release(value, *mapping, margin=_FAULT_AROUND)
+    if sharding is None:
+        return arrays[0]
     return jax.make_array_from_single_device_arrays(shape, sharding, arrays)
 
 
