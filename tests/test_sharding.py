@@ -62,3 +62,17 @@ def test_place_names_a_tensor_holding_nan(weights):
     with pytest.raises(WeightsError, match=r"params/a/kernel holds 1 non-finite") as info:
         sharding.place(value, _fsdp(value.shape), np.float32, path="params/a/kernel", source=path)
     assert "\n" not in str(info.value) and path in str(info.value)
+
+
+def test_place_without_a_mesh_is_one_uncommitted_array_and_names_the_file_tensor(weights):
+    """No sharding (``from_pretrained`` without a mesh): the whole tensor, cast, on the
+    default device and uncommitted like ``jnp.asarray``'s, with no file page left
+    mapped; a NaN names the file's tensor when the file's arrays are given."""
+    path, tensors = weights
+    flat = jft.weights.read(path)
+    out = sharding.place(flat["b"].T, None, jax.numpy.bfloat16, path="params/b/kernel")
+    assert _file_rss(path) == 0
+    assert out.dtype == jax.numpy.bfloat16 and not out.committed
+    np.testing.assert_array_equal(np.asarray(out), tensors["b"].T.astype(jax.numpy.bfloat16))
+    with pytest.raises(WeightsError, match=r"tensor 'a' \(params/a/kernel\) holds 1 non-finite"):
+        sharding.place(flat["a"].T, None, np.float32, path="params/a/kernel", flat=flat)
