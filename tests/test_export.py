@@ -15,6 +15,7 @@ import functools
 import importlib.resources
 import json
 import os
+import shutil
 
 import ml_dtypes
 import numpy as np
@@ -587,6 +588,17 @@ def test_decoder_to_hf(decoders, tmp_path, family):
     d = max_diff(causal_logits(back, DECODER_IDS), want)
     report(f"export {family} -> hf from the jft model", d)
     assert d <= TOL and np.abs(want).max() > 0.5
+    if "rope_parameters" in config:
+        # The legacy keys alone (rope_theta, rope_scaling: what transformers 4 and
+        # other readers take) say the same RoPE: transformers builds the same function.
+        legacy = tmp_path / "legacy"
+        shutil.copytree(dest, legacy)
+        rope = config.pop("rope_parameters")
+        assert config["rope_theta"] == rope["rope_theta"]
+        assert ("rope_scaling" in config) == (rope["rope_type"] != "default")
+        (legacy / "config.json").write_text(json.dumps(config))
+        old = hf_load(transformers.AutoModelForCausalLM, legacy, attn_implementation="eager")
+        assert max_diff(causal_logits(old, DECODER_IDS), want) <= TOL
 
 
 def test_decoder_shards_bfloat16_and_refusals(decoders, tmp_path):

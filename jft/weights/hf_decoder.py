@@ -126,6 +126,11 @@ def _llama_fields(family: str, model: nn.Module) -> dict[str, Any]:
             original_max_position_embeddings=int(model.rope_original_max_position),
         )
     out["rope_parameters"] = rope
+    # The keys older readers (transformers 4, vLLM, llama.cpp's converter) take;
+    # transformers 5 folds them into the same rope_parameters.
+    out["rope_theta"] = rope["rope_theta"]
+    if model.rope_type != "default":
+        out["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
     types = _layer_types(model)
     sliding = "sliding_attention" in types
     window = model.sliding_window if sliding else None
