@@ -315,3 +315,18 @@ def test_parse_and_config_errors(data_dir):
     assert jft.data.info(defaults.to_dict() | {"data_dir": data_dir}).num_classes == 10
     with pytest.raises(jft.data.DataError, match="different shapes|resize"):
         pp.stack([np.zeros((2, 2, 3)), np.zeros((3, 2, 3))])
+
+
+def test_tokenize_without_a_readable_tokenizer_is_one_line(tmp_path):
+    """The tokenize op and chat data read tokenizer.json one way: a folder without it
+    names the config key to set; a damaged file is named as not a tokenizers file."""
+    from jft.data.errors import DataError
+
+    with pytest.raises(DataError, match=r"no tokenizer.json at .*config.data.preprocess") as e:
+        pp.load_tokenizer(str(tmp_path), 8)
+    assert "\n" not in str(e.value)
+    (tmp_path / "tokenizer.json").write_text("{not json")
+    with pytest.raises(DataError, match=r"tokenizer.json: not a tokenizers file") as e:
+        pp.load_tokenizer(str(tmp_path), 8)
+    assert "\n" not in str(e.value)
+    assert pp.load_tokenizer(TOKENIZER, 8).encode("hello world").ids[:4] == [101, 7592, 2088, 102]

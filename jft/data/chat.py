@@ -27,7 +27,7 @@ import tokenizers
 from jft._json import read_object
 from jft.data.errors import DataError
 
-__all__ = ["ChatTokenizer", "load"]
+__all__ = ["ChatTokenizer", "load", "read_tokenizer"]
 
 Message = Mapping[str, Any]
 _SPECIAL = ("bos_token", "eos_token", "pad_token", "unk_token")
@@ -167,6 +167,28 @@ class ChatTokenizer:
         return np.asarray(encoding.ids, np.int32), learn
 
 
+def read_tokenizer(path: str | os.PathLike, key: str) -> tuple[str, tokenizers.Tokenizer]:
+    """``(folder, tokenizer)`` from a model folder's ``tokenizer.json``, or the file itself.
+
+    Raises:
+      DataError: one line: no ``tokenizer.json`` there (``key`` is the config key
+        to set), or a file ``tokenizers`` cannot read.
+    """
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        folder, file = path, os.path.join(path, "tokenizer.json")
+    else:
+        folder, file = os.path.dirname(path), path
+    if not os.path.isfile(file):
+        raise DataError(
+            f"no tokenizer.json at {path}: set {key} to the model folder (or its tokenizer.json)"
+        )
+    try:
+        return folder, tokenizers.Tokenizer.from_file(file)
+    except Exception as e:  # tokenizers raises plain Exceptions
+        raise DataError(f"{file}: not a tokenizers file ({str(e).splitlines()[0]})") from None
+
+
 def load(path: str, chat_template: str | None = None) -> ChatTokenizer:
     """The tokenizer of a model folder, or of a ``tokenizer.json`` file.
 
@@ -179,20 +201,7 @@ def load(path: str, chat_template: str | None = None) -> ChatTokenizer:
     Raises:
       DataError: no tokenizer there, or a file that cannot be read.
     """
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        folder, file = path, os.path.join(path, "tokenizer.json")
-    else:
-        folder, file = os.path.dirname(path), path
-    if not os.path.isfile(file):
-        raise DataError(
-            f"no tokenizer.json at {path}: set config.data.tokenizer to the model folder "
-            "(or its tokenizer.json)"
-        )
-    try:
-        tokenizer = tokenizers.Tokenizer.from_file(file)
-    except Exception as e:  # tokenizers raises plain Exceptions
-        raise DataError(f"{file}: not a tokenizers file ({str(e).splitlines()[0]})") from None
+    folder, tokenizer = read_tokenizer(path, "config.data.tokenizer")
     config_path = os.path.join(folder, "tokenizer_config.json")
     config = read_object(config_path, DataError) if os.path.isfile(config_path) else {}
     special = {k: t for k in _SPECIAL if (t := _token_text(config.get(k))) is not None}

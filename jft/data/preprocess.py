@@ -38,7 +38,6 @@ from __future__ import annotations
 import ast
 import dataclasses
 import functools
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -325,13 +324,9 @@ def apply_image_op(op: Op, index: int, images: Any, ctx: Context) -> Any:
 @functools.lru_cache(maxsize=8)
 def load_tokenizer(path: str, max_len: int):
     """A `tokenizers.Tokenizer` from ``tokenizer.json``, truncating and padding to max_len."""
-    from tokenizers import Tokenizer
+    from jft.data.chat import read_tokenizer
 
-    if os.path.isdir(path):
-        path = os.path.join(path, "tokenizer.json")
-    if not os.path.isfile(path):
-        raise DataError(f"tokenize: no tokenizer.json at {path!r}")
-    tok = Tokenizer.from_file(path)
+    _, tok = read_tokenizer(path, "config.data.preprocess's tokenize(PATH, ...)")
     tok.enable_truncation(max_len)
     tok.enable_padding(length=max_len)
     return tok
