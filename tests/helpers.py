@@ -16,6 +16,15 @@ JFT_BERT = dict(
 """jft's twin of torch_refs.BERT_CFG."""
 JFT_VIT = dict(image_size=32, patch_size=8, hidden_size=32, num_layers=2, num_heads=4, mlp_dim=64)
 """jft's twin of torch_refs.VIT_CFG."""
+LLAMA3_ROPE = dict(
+    rope_type="llama3",
+    rope_theta=10000.0,
+    factor=8.0,
+    low_freq_factor=1.0,
+    high_freq_factor=4.0,
+    original_max_position_embeddings=16,
+)
+"""A tiny Llama's Llama 3 RoPE scaling in transformers' ``rope_parameters`` (16 positions)."""
 QV = r"backbone/encoder/layer_\d+/attention/(query|value)"
 """LoRA targets: a BERT encoder's query and value projections."""
 

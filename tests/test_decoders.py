@@ -14,6 +14,7 @@ import re
 import numpy as np
 import pytest
 
+from tests.helpers import LLAMA3_ROPE
 from tests.torch_refs import import_timm, max_diff, report
 
 import_timm()  # first: it makes torchvision (which transformers imports) load
@@ -48,14 +49,7 @@ FAMILIES = {
             _COMMON,
             num_attention_heads=4,
             num_key_value_heads=2,
-            rope_parameters=dict(
-                rope_type="llama3",
-                rope_theta=10000.0,
-                factor=8.0,
-                low_freq_factor=1.0,
-                high_freq_factor=4.0,
-                original_max_position_embeddings=16,
-            ),
+            rope_parameters=dict(LLAMA3_ROPE),
         ),
     ),
     "mistral": (

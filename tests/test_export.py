@@ -21,6 +21,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from tests.helpers import LLAMA3_ROPE
 from tests.torch_refs import (
     BERT_CFG,
     TOL,
@@ -499,14 +500,7 @@ DECODERS = {
         num_attention_heads=4,
         num_key_value_heads=2,
         tie_word_embeddings=True,
-        rope_parameters=dict(
-            rope_type="llama3",
-            rope_theta=10000.0,
-            factor=8.0,
-            low_freq_factor=1.0,
-            high_freq_factor=4.0,
-            original_max_position_embeddings=16,
-        ),
+        rope_parameters=dict(LLAMA3_ROPE),
     ),
     "mistral": dict(
         _DEC, num_attention_heads=2, num_key_value_heads=1, head_dim=8, sliding_window=4
