@@ -316,6 +316,67 @@ def test_batch_norm_train_equals_flax(case):
 # --- The switch ---------------------------------------------------------------
 
 
+# --- Dense products -------------------------------------------------------------
+
+
+@st.composite
+def dense_cases(draw):
+    lead = tuple(draw(st.lists(st.integers(0, 9), min_size=2, max_size=3)))
+    return lead, draw(st.integers(1, 70)), draw(st.integers(1, 70)), draw(DTYPES)
+
+
+def _dense_values_and_grads(dot, x, w, g):
+    def f(x, w):
+        return dot(x, w, (((x.ndim - 1,), (0,)), ((), ())))
+
+    y, vjp = jax.vjp(f, x, w)
+    return (y, *vjp(g))
+
+
+@jax.jit
+def _dense_both(x, w, g):
+    ours = _dense_values_and_grads(jft.ops.dot_general, x, w, g)
+    ref = _dense_values_and_grads(jax.lax.dot_general, x, w, g)
+    a = [jnp.abs(t).astype(jnp.float32) for t in (x, w, g)]
+    return ours, ref, _dense_values_and_grads(jax.lax.dot_general, *a)
+
+
+@settings(max_examples=25, **SETTINGS)
+@given(dense_cases())
+@example(((2, 3), 5, 7, jnp.float32))
+@example(((2, 0, 4), 3, 2, jnp.bfloat16))  # no rows
+def test_dense_product_equals_lax_dot_general(case):
+    """A Dense layer's product of (..., D) inputs, value and both gradients, over
+    ranks 3-4, empty axes, both dtypes; each output sums the same D (or, for the
+    weight gradient, the same rows) terms: within 2 x terms ulps of the magnitudes."""
+    lead, d, f, dtype = case
+    rng = np.random.default_rng(sum(lead) + d + f)
+    x, w, g = (_normal(rng, s, dtype) for s in ((*lead, d), (d, f), (*lead, f)))
+    ours, ref, mag = _dense_both(x, w, g)
+    terms = max(d, f, math.prod(lead), 1)
+    rel = 2 * terms * U32 + (4 * U16 if dtype == jnp.bfloat16 else 0)
+    for name, a, b, m in zip(["value", "d/dx", "d/dw"], ours, ref, mag, strict=True):
+        assert a.dtype == b.dtype == dtype and a.shape == b.shape
+        _assert_within(name, a, b, rel * np.asarray(m))
+
+
+def test_dense_product_is_2d_on_the_cpu_only():
+    """The CPU program's products are 2-D; GPU and TPU programs are lax's own."""
+    x, w = jnp.zeros((2, 3, 4)), jnp.zeros((4, 5))
+
+    def grad(dot):
+        return jax.grad(lambda x, w: jnp.sum(dot(x, w, (((2,), (0,)), ((), ()))) ** 2), (0, 1))
+
+    def dots(dot, platform):
+        text = jax.export.export(jax.jit(grad(dot)), platforms=[platform])(x, w).mlir_module()
+        return re.findall(r"stablehlo\.dot_general.*?tensor<([0-9x]+)xf32>", text)
+
+    assert all(s.count("x") == 1 for s in dots(jft.ops.dot_general, "cpu"))
+    assert any(s.count("x") == 2 for s in dots(jax.lax.dot_general, "cpu"))
+    for platform in ("cuda", "tpu"):
+        assert dots(jft.ops.dot_general, platform) == dots(jax.lax.dot_general, platform)
+
+
 def test_switch_turns_the_cpu_formulations_and_options_off(monkeypatch):
     x = jnp.ones((2, 2, 2, 16))
     w = jnp.ones((3, 3, 16, 16))

@@ -23,6 +23,7 @@ import numpy as np
 
 from jft.errors import JftError
 from jft.models.layers import fields_for
+from jft.ops import dot_general
 
 Dtype = Any
 # One layer's cache: {"k": (B, S, kv_heads, head_dim), "v": same}.
@@ -138,7 +139,9 @@ class LanguageModel(nn.Module):
             jnp.asarray(input_ids), attention_mask, position_ids, cache, cache_index, train
         )
         if self.tie_word_embeddings:
-            logits = hidden @ embedding.astype(hidden.dtype).T
+            logits = dot_general(
+                hidden, embedding.astype(hidden.dtype).T, (((hidden.ndim - 1,), (0,)), ((), ()))
+            )
         else:
             logits = nn.Dense(
                 self.vocab_size,
@@ -146,6 +149,7 @@ class LanguageModel(nn.Module):
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
                 kernel_init=nn.initializers.normal(0.02),
+                dot_general=dot_general,
                 name="lm_head",
             )(hidden)
         logits = self.cap_logits(logits.astype(jnp.float32))

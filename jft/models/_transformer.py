@@ -14,6 +14,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jft.ops import dot_general
+
 __all__ = ["Encoder", "EncoderBlock", "SelfAttention", "attention_bias"]
 
 Dtype = Any
@@ -52,7 +54,12 @@ class SelfAttention(nn.Module):
 
         def dense(name: str, use_bias: bool = self.use_bias) -> nn.Dense:
             return nn.Dense(
-                d, use_bias=use_bias, dtype=self.dtype, kernel_init=self.kernel_init, name=name
+                d,
+                use_bias=use_bias,
+                dtype=self.dtype,
+                kernel_init=self.kernel_init,
+                dot_general=dot_general,
+                name=name,
             )
 
         def heads(y: jax.Array) -> jax.Array:
@@ -68,7 +75,7 @@ class SelfAttention(nn.Module):
         probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
         probs = nn.Dropout(self.dropout_rate)(probs, deterministic=not train)
         y = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, t, d)
-        return nn.Dense(d, dtype=self.dtype, kernel_init=self.kernel_init, name="output")(y)
+        return dense("output", use_bias=True)(y)
 
 
 class EncoderBlock(nn.Module):

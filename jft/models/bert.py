@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from jft.models._transformer import Encoder, EncoderBlock, SelfAttention, attention_bias
 from jft.models.layers import activation, fields_for
 from jft.models.registry import register
+from jft.ops import dot_general
 
 __all__ = [
     "Bert",
@@ -91,11 +92,11 @@ class BertLayer(EncoderBlock):
         init = nn.initializers.truncated_normal(0.02)
         y = self.attention()(x, bias, train=train)
         x = self.norm("attention_layer_norm")(x + self.drop(y, train))
-        y = nn.Dense(
-            self.intermediate_size, dtype=self.dtype, kernel_init=init, name="intermediate"
-        )(x)
-        y = activation(self.hidden_act)(y)
-        y = nn.Dense(x.shape[-1], dtype=self.dtype, kernel_init=init, name="output")(y)
+        dense = functools.partial(
+            nn.Dense, dtype=self.dtype, kernel_init=init, dot_general=dot_general
+        )
+        y = activation(self.hidden_act)(dense(self.intermediate_size, name="intermediate")(x))
+        y = dense(x.shape[-1], name="output")(y)
         return self.norm("output_layer_norm")(x + self.drop(y, train))
 
 

@@ -58,6 +58,7 @@ from jft.models._decoder import (
 )
 from jft.models.layers import activation, fields_for
 from jft.models.registry import register
+from jft.ops import dot_general
 
 __all__ = [
     "LAYER_TYPES",
@@ -108,6 +109,7 @@ class LlamaAttention(nn.Module):
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
                 kernel_init=init,
+                dot_general=dot_general,
                 name=name,
             )
 
@@ -188,6 +190,7 @@ class Mlp(nn.Module):
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
                 kernel_init=nn.initializers.normal(0.02),
+                dot_general=dot_general,
                 name=name,
             )
 

@@ -32,6 +32,7 @@ import numpy as np
 from jft.models._transformer import Encoder, EncoderBlock
 from jft.models.layers import activation, fields_for
 from jft.models.registry import register
+from jft.ops import dot_general
 
 __all__ = [
     "ViT",
@@ -212,9 +213,12 @@ class ViTMlp(nn.Module):
         """``(B, T, D)`` -> ``(B, T, D)``."""
         init = nn.initializers.truncated_normal(0.02)
         d = x.shape[-1]
-        x = nn.Dense(self.mlp_dim, dtype=self.dtype, kernel_init=init, name="fc1")(x)
+        dense = functools.partial(
+            nn.Dense, dtype=self.dtype, kernel_init=init, dot_general=dot_general
+        )
+        x = dense(self.mlp_dim, name="fc1")(x)
         x = nn.Dropout(self.dropout_rate)(activation(self.hidden_act)(x), deterministic=not train)
-        return nn.Dense(d, dtype=self.dtype, kernel_init=init, name="fc2")(x)
+        return dense(d, name="fc2")(x)
 
 
 class ViTBackbone(nn.Module):

@@ -1,6 +1,6 @@
 """Backend-specific kernels behind one switch (the CPU's today).
 
-jft's models call :func:`conv_general_dilated`, :func:`max_pool` and
+jft's models call :func:`conv_general_dilated`, :func:`dot_general`, :func:`max_pool` and
 :func:`batch_norm_train`, and its train step :func:`optimization_barrier`.
 Each is chosen by the platform the program is lowered for
 (``jax.lax.platform_dependent``): on the CPU a formulation XLA:CPU runs faster
@@ -19,6 +19,7 @@ from jft.ops.kernels import (
     batch_norm_train,
     compiler_options,
     conv_general_dilated,
+    dot_general,
     max_pool,
     optimization_barrier,
 )
@@ -37,6 +38,7 @@ __all__ = [
     "cpu",
     "cpu_kernels",
     "cpu_kernels_enabled",
+    "dot_general",
     "max_pool",
     "optimization_barrier",
     "reference",

@@ -23,6 +23,7 @@ __all__ = [
     "batch_norm_train",
     "compiler_options",
     "conv",
+    "dense",
     "max_pool",
     "optimization_barrier",
     "supported_options",
@@ -68,6 +69,25 @@ def optimization_barrier(x):
 # --- Convolutions -------------------------------------------------------------
 
 NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def dense(precision, preferred_element_type, x, w):
+    """A dense layer's product ``x @ w`` over ``x``'s last axis, as one 2-D product.
+
+    XLA:CPU runs the backward pass of a ``(B, T, D) x (D, F)`` product with the
+    cotangent transposed through memory for the weight gradient (fused into the
+    activation's backward); flattened to ``(B*T, D) x (D, F)`` the weight gradient
+    is one plain matrix product: a Llama MLP's gradient takes half the time
+    (``benchmarks/decoder.py``). Each output is the same sum over ``D``.
+    """
+    y = jax.lax.dot_general(
+        x.reshape(-1, x.shape[-1]),
+        w,
+        (((1,), (0,)), ((), ())),
+        precision=precision,
+        preferred_element_type=preferred_element_type,
+    )
+    return y.reshape(*x.shape[:-1], w.shape[-1])
 
 
 def conv(

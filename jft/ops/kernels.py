@@ -21,6 +21,7 @@ __all__ = [
     "batch_norm_train",
     "compiler_options",
     "conv_general_dilated",
+    "dot_general",
     "max_pool",
     "optimization_barrier",
 ]
@@ -66,6 +67,44 @@ def conv_general_dilated(
     if fast is None:
         return reference_conv(lhs, rhs)
     return on_cpu(fast, reference_conv, lhs, rhs)
+
+
+def dot_general(
+    lhs: jax.Array,
+    rhs: jax.Array,
+    dimension_numbers,
+    precision: jax.lax.PrecisionLike = None,
+    preferred_element_type=None,
+    **kwargs,
+) -> jax.Array:
+    """``jax.lax.dot_general``; a dense layer's product on the CPU is :func:`jft.ops.cpu.dense`'s.
+
+    Pass it to ``nn.Dense(..., dot_general=dot_general)``; parameters and values
+    are unchanged. Only the product ``nn.Dense`` makes of inputs with more than two
+    axes (``lhs``'s last axis with a 2-D ``rhs``'s first, no batch axes) has a CPU
+    formulation; any other product is ``lax.dot_general`` on every platform.
+    """
+    (lc, rc), (lb, rb) = dimension_numbers
+    dense = (
+        lhs.ndim > 2
+        and rhs.ndim == 2
+        and tuple(lc) == (lhs.ndim - 1,)
+        and tuple(rc) == (0,)
+        and not (tuple(lb) or tuple(rb) or kwargs)
+    )
+    if not dense:
+        return jax.lax.dot_general(
+            lhs,
+            rhs,
+            dimension_numbers,
+            precision=precision,
+            preferred_element_type=preferred_element_type,
+            **kwargs,
+        )
+    args = (precision, preferred_element_type)
+    return on_cpu(
+        functools.partial(cpu.dense, *args), functools.partial(reference.dense, *args), lhs, rhs
+    )
 
 
 def max_pool(

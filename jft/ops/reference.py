@@ -19,11 +19,23 @@ __all__ = [
     "batch_norm_apply",
     "batch_norm_stats",
     "batch_norm_train",
+    "dense",
     "max_pool",
 ]
 
 Window2D = tuple[int, int]  # (height, width) of a window or a stride
 Padding2D = Sequence[tuple[int, int]]  # ((top, bottom), (left, right))
+
+
+def dense(precision, preferred_element_type, x, w):
+    """``nn.Dense``'s product: ``x``'s last axis contracted with ``w``'s first."""
+    return jax.lax.dot_general(
+        x,
+        w,
+        (((x.ndim - 1,), (0,)), ((), ())),
+        precision=precision,
+        preferred_element_type=preferred_element_type,
+    )
 
 
 def max_pool(
