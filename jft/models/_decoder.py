@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jft.errors import JftError
-from jft.models.layers import fields_for
+from jft.models.layers import dense, fields_for
 from jft.ops import dot_general
 
 Dtype = Any
@@ -143,13 +143,12 @@ class LanguageModel(nn.Module):
                 hidden, embedding.astype(hidden.dtype).T, (((hidden.ndim - 1,), (0,)), ((), ()))
             )
         else:
-            logits = nn.Dense(
+            logits = dense(
                 self.vocab_size,
                 use_bias=False,
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
                 kernel_init=nn.initializers.normal(0.02),
-                dot_general=dot_general,
                 name="lm_head",
             )(hidden)
         logits = self.cap_logits(logits.astype(jnp.float32))

@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jft.ops import dot_general
+from jft.models import layers
 
 __all__ = ["Encoder", "EncoderBlock", "SelfAttention", "attention_bias"]
 
@@ -53,13 +53,8 @@ class SelfAttention(nn.Module):
         head_dim = d // self.num_heads
 
         def dense(name: str, use_bias: bool = self.use_bias) -> nn.Dense:
-            return nn.Dense(
-                d,
-                use_bias=use_bias,
-                dtype=self.dtype,
-                kernel_init=self.kernel_init,
-                dot_general=dot_general,
-                name=name,
+            return layers.dense(
+                d, use_bias=use_bias, dtype=self.dtype, kernel_init=self.kernel_init, name=name
             )
 
         def heads(y: jax.Array) -> jax.Array:

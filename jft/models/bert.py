@@ -28,9 +28,8 @@ import jax
 import jax.numpy as jnp
 
 from jft.models._transformer import Encoder, EncoderBlock, SelfAttention, attention_bias
-from jft.models.layers import activation, fields_for
+from jft.models.layers import activation, dense, fields_for
 from jft.models.registry import register
-from jft.ops import dot_general
 
 __all__ = [
     "Bert",
@@ -92,11 +91,9 @@ class BertLayer(EncoderBlock):
         init = nn.initializers.truncated_normal(0.02)
         y = self.attention()(x, bias, train=train)
         x = self.norm("attention_layer_norm")(x + self.drop(y, train))
-        dense = functools.partial(
-            nn.Dense, dtype=self.dtype, kernel_init=init, dot_general=dot_general
-        )
-        y = activation(self.hidden_act)(dense(self.intermediate_size, name="intermediate")(x))
-        y = dense(x.shape[-1], name="output")(y)
+        linear = functools.partial(dense, dtype=self.dtype, kernel_init=init)
+        y = activation(self.hidden_act)(linear(self.intermediate_size, name="intermediate")(x))
+        y = linear(x.shape[-1], name="output")(y)
         return self.norm("output_layer_norm")(x + self.drop(y, train))
 
 

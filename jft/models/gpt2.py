@@ -35,9 +35,8 @@ from jft.models._decoder import (
     slot_bias,
     slots_and_mask,
 )
-from jft.models.layers import activation, fields_for
+from jft.models.layers import activation, dense, fields_for
 from jft.models.registry import register
-from jft.ops import dot_general
 
 __all__ = ["GPT2", "GPT2Attention", "GPT2Backbone", "GPT2Block", "gpt2"]
 
@@ -46,14 +45,7 @@ Dtype = Any
 
 def _dense(n: int, dtype: Dtype, param_dtype: Dtype, name: str) -> nn.Dense:
     init = nn.initializers.normal(0.02)
-    return nn.Dense(
-        n,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        kernel_init=init,
-        dot_general=dot_general,
-        name=name,
-    )
+    return dense(n, dtype=dtype, param_dtype=param_dtype, kernel_init=init, name=name)
 
 
 class GPT2Attention(nn.Module):

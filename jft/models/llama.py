@@ -39,6 +39,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jft.models import layers
 from jft.models._decoder import (
     LAYER_TYPES,
     DecoderConfigError,
@@ -58,7 +59,6 @@ from jft.models._decoder import (
 )
 from jft.models.layers import activation, fields_for
 from jft.models.registry import register
-from jft.ops import dot_general
 
 __all__ = [
     "LAYER_TYPES",
@@ -103,13 +103,12 @@ class LlamaAttention(nn.Module):
         init = nn.initializers.normal(0.02)
 
         def dense(n: int, use_bias: bool, name: str) -> nn.Dense:
-            return nn.Dense(
+            return layers.dense(
                 n,
                 use_bias=use_bias,
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
                 kernel_init=init,
-                dot_general=dot_general,
                 name=name,
             )
 
@@ -184,13 +183,12 @@ class Mlp(nn.Module):
         """``(..., D)`` -> ``(..., D)``."""
 
         def dense(n: int, name: str) -> nn.Dense:
-            return nn.Dense(
+            return layers.dense(
                 n,
                 use_bias=self.use_bias,
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
                 kernel_init=nn.initializers.normal(0.02),
-                dot_general=dot_general,
                 name=name,
             )
 

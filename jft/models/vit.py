@@ -30,9 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jft.models._transformer import Encoder, EncoderBlock
-from jft.models.layers import activation, fields_for
+from jft.models.layers import activation, dense, fields_for
 from jft.models.registry import register
-from jft.ops import dot_general
 
 __all__ = [
     "ViT",
@@ -213,12 +212,10 @@ class ViTMlp(nn.Module):
         """``(B, T, D)`` -> ``(B, T, D)``."""
         init = nn.initializers.truncated_normal(0.02)
         d = x.shape[-1]
-        dense = functools.partial(
-            nn.Dense, dtype=self.dtype, kernel_init=init, dot_general=dot_general
-        )
-        x = dense(self.mlp_dim, name="fc1")(x)
+        linear = functools.partial(dense, dtype=self.dtype, kernel_init=init)
+        x = linear(self.mlp_dim, name="fc1")(x)
         x = nn.Dropout(self.dropout_rate)(activation(self.hidden_act)(x), deterministic=not train)
-        return dense(d, name="fc2")(x)
+        return linear(d, name="fc2")(x)
 
 
 class ViTBackbone(nn.Module):
