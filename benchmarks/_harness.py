@@ -54,6 +54,38 @@ def time_step(step: Any, state: Any, batch: Any, steps: int) -> tuple[Any, Any, 
     )
 
 
+def time_interleaved(steps: dict[str, tuple[Any, Any, Any]], rounds: int) -> dict[str, dict]:
+    """Times compiled steps in turn, one call of each per round, in one process.
+
+    ``steps`` maps a name to ``(compiled step, state, batch)``; the first entry is
+    the reference. A slow spell of a shared or throttled machine slows every step
+    of a round alike, so the per-round ratio to the reference is steadier than a
+    ratio of two separately timed runs: each entry's ``ratio`` is the median of
+    its per-round ratios, ``ratio_lo`` and ``ratio_hi`` their quartiles, and
+    ``step_s`` its median step time.
+    """
+    import jax
+
+    states = {name: state for name, (_, state, _) in steps.items()}
+    for name, (step, _, batch) in steps.items():  # warm-up: each step runs once first
+        states[name], metrics = step(states[name], batch)
+        jax.block_until_ready(metrics)
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, (step, _, batch) in steps.items():
+            t0 = time.perf_counter()
+            states[name], metrics = step(states[name], batch)
+            jax.block_until_ready((states[name], metrics))
+            times[name].append(time.perf_counter() - t0)
+    reference = times[next(iter(steps))]
+    out = {}
+    for name, ts in times.items():
+        ratios = sorted(t / r for t, r in zip(ts, reference, strict=True))
+        q1, q2, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+        out[name] = {"step_s": statistics.median(ts), "ratio": q2, "ratio_lo": q1, "ratio_hi": q3}
+    return out
+
+
 def worker_main(args: Any, worker: Callable[..., dict], steps: int) -> bool:
     """In a ``--worker MODEL VARIANT`` process: prints the row's ``RESULT`` line, returns True."""
     if not args.worker:
@@ -93,11 +125,7 @@ def run_rows(
             cmd = [sys.executable, os.path.abspath(script), "--worker", name, variant]
             cmd += ["--steps", str(steps)] + (["--quick"] if quick else [])
             t0 = time.perf_counter()
-            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
-            result = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-            if proc.returncode or not result:
-                sys.exit(f"{name} {variant} failed:\n{proc.stdout}\n{proc.stderr}")
-            rows[(name, variant)] = r = json.loads(result[-1][len("RESULT ") :])
+            rows[(name, variant)] = r = run_result(cmd, env, f"{name} {variant}")
             print(
                 f"  {name} {variant}: {r['step_s'] * 1e3:.0f} ms/step (median "
                 f"{r['median_step_s'] * 1e3:.0f}), compile {r['compile_s']:.1f} s, "
@@ -106,6 +134,15 @@ def run_rows(
                 flush=True,
             )
     return rows
+
+
+def run_result(cmd: Sequence[str], env: dict[str, str], what: str) -> dict:
+    """Runs a worker subprocess and returns its last ``RESULT {json}`` line; exits if it fails."""
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    result = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode or not result:
+        sys.exit(f"{what} failed:\n{proc.stdout}\n{proc.stderr}")
+    return json.loads(result[-1][len("RESULT ") :])
 
 
 def mib(n: float) -> str:
