@@ -28,11 +28,13 @@ from jft.peft.config import (
 from jft.peft.hf import arch_of, load_adapter, save_adapter
 from jft.peft.lora import LoraModel, check_targets, init_adapters, lora
 from jft.peft.merge import delta, merge, reset_magnitudes, unmerge
+from jft.peft.quant import QUANTIZE, bits_per_weight, dequantize, quantize_base
 from jft.peft.summary import AdapterSummary, summarize, summarize_arrays
 
 __all__ = [
     "ADAPTER_LEAVES",
     "ADAPTER_REGEX",
+    "QUANTIZE",
     "VARIANTS",
     "AdapterSummary",
     "LoraConfig",
@@ -41,12 +43,15 @@ __all__ = [
     "adapter_rules",
     "adapters",
     "arch_of",
+    "bits_per_weight",
     "check_targets",
     "delta",
+    "dequantize",
     "init_adapters",
     "load_adapter",
     "lora",
     "merge",
+    "quantize_base",
     "reset_magnitudes",
     "resolve_targets",
     "save_adapter",

@@ -61,6 +61,8 @@ class LoraConfig:
       alpha: :math:`\\alpha` (PEFT's ``lora_alpha``).
       dropout: dropout on the adapter's input, in training only (PEFT's ``lora_dropout``).
       variant: one of :data:`VARIANTS`.
+      quantize: ``""``, or how :func:`jft.peft.quantize_base` stores the frozen
+        base's kernels: ``int8`` or ``nf4`` (QLoRA). Not part of the adapter file.
     """
 
     targets: tuple[str, ...]
@@ -68,6 +70,7 @@ class LoraConfig:
     alpha: float = 8.0
     dropout: float = 0.0
     variant: str = "lora"
+    quantize: str = ""
 
     def __post_init__(self) -> None:
         targets = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
@@ -85,6 +88,11 @@ class LoraConfig:
             raise LoraError(f"lora.dropout={self.dropout!r} must be in [0, 1)")
         if self.variant not in VARIANTS:
             raise LoraError(f"lora.variant={self.variant!r} is unknown; use one of {VARIANTS}")
+        if self.quantize not in ("", "int8", "nf4"):
+            raise LoraError(
+                f"lora.quantize={self.quantize!r} is unknown; use '' (a float base), "
+                "'int8' or 'nf4'"
+            )
 
     @property
     def scale(self) -> float:

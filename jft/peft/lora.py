@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 
 from jft.peft.config import LoraConfig, LoraError, adapters, resolve_targets
+from jft.peft.quant import apply_quantized, dequantize
 
 __all__ = ["LoraModel", "check_targets", "init_adapters", "lora"]
 
@@ -74,9 +75,10 @@ def _dense_general_dims(module: nn.DenseGeneral, x: jax.Array) -> tuple[tuple[in
 class _Adapter:
     """The adapter of one module call: its parameters, and the term it adds."""
 
-    def __init__(self, module: nn.Module, x: jax.Array, config: LoraConfig):
+    def __init__(self, module: nn.Module, x: jax.Array, config: LoraConfig, kernel: Any = None):
         self.module, self.config = module, config
-        kernel = module.get_variable("params", "kernel")
+        if kernel is None:
+            kernel = module.get_variable("params", "kernel")
         if kernel is None:
             raise LoraError(f"{_path(module)}: no kernel to adapt; is its params tree complete?")
         r = config.rank
@@ -158,6 +160,24 @@ class _Adapter:
         return scale
 
 
+def _quantized(module: nn.Module) -> bool:
+    return module.scope is not None and module.has_variable("params", "kernel_scale")
+
+
+def _dequantized(module: nn.Module, dtype: Any) -> jax.Array:
+    get = lambda name: module.get_variable("params", name)
+    return dequantize(get("kernel"), get("kernel_scale"), dtype)
+
+
+def _run_quantized(module: nn.Module, x: jax.Array) -> jax.Array:
+    if not isinstance(module, _ADAPTABLE):
+        raise LoraError(
+            f"{_path(module)}: a {type(module).__name__} holds a quantized kernel; only Dense, "
+            "DenseGeneral and Conv kernels can be quantized: skip it in quantize_base"
+        )
+    return apply_quantized(module, x)
+
+
 def _features(module: nn.DenseGeneral) -> tuple[int, ...]:
     return module.features if isinstance(module.features, tuple) else (module.features,)
 
@@ -179,7 +199,11 @@ def _interceptor(targets: frozenset[str] | None, config: LoraConfig, train: bool
 
     def intercept(next_fun, args, kwargs, context):
         module = context.module
-        if busy or context.method_name != "__call__" or not targeted(module):
+        if busy or context.method_name != "__call__":
+            return next_fun(*args, **kwargs)
+        if not targeted(module):
+            if _quantized(module):
+                return _run_quantized(module, args[0])
             return next_fun(*args, **kwargs)
         busy.append(module)
         try:
@@ -196,8 +220,12 @@ def _interceptor(targets: frozenset[str] | None, config: LoraConfig, train: bool
             )
         seen.add(path)
         x = args[0]
-        y = next_fun(*args, **kwargs)
-        adapter = _Adapter(module, x, config)
+        if _quantized(module):
+            y = _run_quantized(module, x)
+            adapter = _Adapter(module, x, config, kernel=_dequantized(module, jnp.float32))
+        else:
+            y = next_fun(*args, **kwargs)
+            adapter = _Adapter(module, x, config)
         dropped = x
         if train and config.dropout > 0:
             keep = jax.random.bernoulli(module.make_rng("dropout"), 1 - config.dropout, x.shape)

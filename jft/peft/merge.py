@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from jft.peft.config import ADAPTER_LEAVES, LoraConfig, LoraError
+from jft.peft.quant import dequantize, is_quantized
 
 __all__ = ["delta", "merge", "reset_magnitudes", "unmerge"]
 
@@ -26,9 +27,21 @@ def _fan_in(module: Mapping[str, Any]) -> int:
     return int(module["lora_A"].size // module["lora_A"].shape[-1])
 
 
+def _kernel(module: Mapping[str, Any]) -> jax.Array:
+    """The module's kernel in float32, dequantized if it is quantized (:mod:`jft.peft.quant`)."""
+    if is_quantized(module):
+        return dequantize(module["kernel"], module["kernel_scale"])
+    return jnp.asarray(module["kernel"], jnp.float32)
+
+
+def _dtype(module: Mapping[str, Any]) -> Any:
+    """The dtype of a merged kernel: the kernel's own, float32 for a quantized one."""
+    return jnp.float32 if is_quantized(module) else jnp.result_type(module["kernel"])
+
+
 def _matrices(module: Mapping[str, Any]) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The kernel as a float32 ``(fan_in, out)`` matrix, and :math:`A`, :math:`B` in float32."""
-    kernel = jnp.asarray(module["kernel"], jnp.float32)
+    kernel = _kernel(module)
     fan_in = _fan_in(module)
     a = jnp.asarray(module["lora_A"], jnp.float32).reshape(fan_in, -1)
     b = jnp.asarray(module["lora_B"], jnp.float32)
@@ -42,16 +55,22 @@ def _matrices(module: Mapping[str, Any]) -> tuple[jax.Array, jax.Array, jax.Arra
 
 def delta(module: Mapping[str, Any], config: LoraConfig) -> jax.Array:
     """:math:`s A B` of one adapted module's parameters, float32, shaped as its kernel."""
-    kernel, a, b = _matrices(module)
+    _, a, b = _matrices(module)
     d = config.scale * jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
-    return d.reshape(jnp.shape(module["kernel"]))
+    return d.reshape(_kernel(module).shape)
 
 
 def _walk(tree: Mapping[str, Any], fn) -> dict[str, Any]:
+    """``fn`` on each adapted module; a quantized module without an adapter is dequantized."""
     out = {}
     for key, value in tree.items():
-        if isinstance(value, Mapping):
-            out[key] = fn(value) if "lora_A" in value else _walk(value, fn)
+        if isinstance(value, Mapping) and "lora_A" in value:
+            out[key] = fn(value)
+        elif isinstance(value, Mapping) and is_quantized(value):
+            out[key] = {k: v for k, v in value.items() if k != "kernel_scale"}
+            out[key]["kernel"] = _kernel(value)
+        elif isinstance(value, Mapping):
+            out[key] = _walk(value, fn)
         else:
             out[key] = value
     return out
@@ -61,6 +80,9 @@ def merge(
     params: Mapping[str, Any], config: LoraConfig, *, keep_adapters: bool = False
 ) -> dict[str, Any]:
     """The base model's parameters with each adapter merged into its kernel.
+
+    A quantized kernel (:func:`jft.peft.quantize_base`) is dequantized first: its
+    merged kernel is float32, the dequantized base plus the adapter.
 
     Args:
       params: parameters with adapters (as :func:`jft.peft.init_adapters` returns).
@@ -74,16 +96,17 @@ def merge(
     """
 
     def merge_one(module: Mapping[str, Any]) -> dict[str, Any]:
-        kernel = module["kernel"]
+        shape, dtype = _kernel(module).shape, _dtype(module)
         w, _, _ = _matrices(module)
         v = w + delta(module, config).reshape(w.shape)
-        out = {k: v_ for k, v_ in module.items() if k not in ADAPTER_LEAVES}
+        dropped = (*ADAPTER_LEAVES, "kernel_scale")
+        out = {k: v_ for k, v_ in module.items() if k not in dropped}
         if config.use_dora:
             norm = jnp.linalg.norm(v, axis=0)
             v = v * (jnp.asarray(module["lora_magnitude"], jnp.float32) / norm)
             if keep_adapters:
                 out[_NORM] = norm
-        out["kernel"] = v.reshape(jnp.shape(kernel)).astype(jnp.result_type(kernel))
+        out["kernel"] = v.reshape(shape).astype(dtype)
         if keep_adapters:
             out.update({k: module[k] for k in ADAPTER_LEAVES if k in module})
         return out
@@ -102,7 +125,7 @@ def unmerge(merged: Mapping[str, Any], config: LoraConfig) -> dict[str, Any]:
     """
 
     def unmerge_one(module: Mapping[str, Any]) -> dict[str, Any]:
-        kernel = module["kernel"]
+        shape, dtype = _kernel(module).shape, _dtype(module)
         w, _, _ = _matrices(module)
         if config.use_dora:
             if _NORM not in module:
@@ -111,8 +134,8 @@ def unmerge(merged: Mapping[str, Any], config: LoraConfig) -> dict[str, Any]:
                 )
             w = w * (module[_NORM] / jnp.asarray(module["lora_magnitude"], jnp.float32))
         w = w - delta(module, config).reshape(w.shape)
-        out = {k: v for k, v in module.items() if k != _NORM}
-        out["kernel"] = w.reshape(jnp.shape(kernel)).astype(jnp.result_type(kernel))
+        out = {k: v for k, v in module.items() if k not in (_NORM, "kernel_scale")}
+        out["kernel"] = w.reshape(shape).astype(dtype)
         return out
 
     return _walk(merged, unmerge_one)

@@ -248,7 +248,12 @@ def lora_config(config: ml_collections.ConfigDict) -> peft.LoraConfig | None:
     if not c.targets:
         return None
     return peft.LoraConfig(
-        targets=tuple(c.targets), rank=c.rank, alpha=c.alpha, dropout=c.dropout, variant=c.variant
+        targets=tuple(c.targets),
+        rank=c.rank,
+        alpha=c.alpha,
+        dropout=c.dropout,
+        variant=c.variant,
+        quantize=c.get("quantize", ""),
     )
 
 

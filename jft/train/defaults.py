@@ -75,6 +75,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.lora.dropout = 0.0
     c.lora.variant = "lora"  # lora | rslora | dora | rsdora
     c.lora.modules_to_save = ("head",)  # module paths trained whole next to the adapters
+    c.lora.quantize = ""  # "" | int8 | nf4: the frozen base's kernels quantized (QLoRA)
     c.clip_grad_norm = 0.0  # 0: no clipping; else by the norm of all trainable parameters
     c.loss = ml_collections.ConfigDict({"name": "softmax_xent", "label_smoothing": 0.0})
 

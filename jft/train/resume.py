@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from typing import Any
 
 import jax
@@ -83,6 +84,12 @@ def initial_variables(exp: Experiment) -> dict[str, Any]:
     variables = exp.init_variables()
     if frozen_base(exp.config):  # an adapter-only checkpoint restores onto its base
         variables = _pretrained(variables, exp.config)
+    lora = config_lib.lora_config(exp.config)
+    if lora is not None and lora.quantize:  # QLoRA: the same codes on every load, so one hash
+        skip = [re.escape(m) for m in exp.config.lora.modules_to_save]
+        params = peft.quantize_base(variables["params"], lora.quantize, skip=skip)
+        # DoRA's magnitudes: the norms of the dequantized kernels, as PEFT's QLoRA
+        variables = {**variables, "params": peft.reset_magnitudes(params, lora)}
     return variables
 
 

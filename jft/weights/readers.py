@@ -200,6 +200,18 @@ def read_checkpoint(path: str | os.PathLike, *, step: int | None = None) -> dict
     return flat
 
 
+def _quantized_in(base: dict[str, Any], path: str) -> bool:
+    """Whether ``path`` is a kernel (or its scales) that a QLoRA run stored quantized."""
+    module, _, leaf = path.rpartition("/")
+    return leaf in ("kernel", "kernel_scale") and f"{module}/kernel_scale" in base["arrays"]
+
+
+def _quantize(kernel: Any, dtype: str) -> dict[str, Any]:
+    from jft.peft.quant import quantize  # jft.peft reads weights: imported when needed
+
+    return quantize(kernel, "int8" if dtype == "int8" else "nf4")
+
+
 def _base_arrays(path: str, base: dict[str, Any]) -> dict[str, np.ndarray]:
     # Read from the base's path, named by jft paths, each array checked against
     # the checksum the run stored for it.
@@ -215,7 +227,11 @@ def _base_arrays(path: str, base: dict[str, Any]) -> dict[str, np.ndarray]:
         flat, _ = keymaps.get(infer_arch(flat))(flat)
     frozen = {}
     for p, (_, shape, dtype) in base["arrays"].items():
-        value = flat.get(f"params/{p}")
+        value = flat.get(f"params/{p.removesuffix('_scale')}")
+        if value is not None and _quantized_in(base, p):  # a QLoRA base: quantized as trained
+            value = _quantize(value, base["arrays"][p.removesuffix("_scale")][2])[
+                p.rpartition("/")[2]
+            ]
         if value is None or tuple(np.shape(value)) != tuple(shape):
             frozen = None
             break
