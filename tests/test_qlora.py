@@ -256,7 +256,9 @@ def _run(steps, **overrides):
     return c
 
 
-def test_config_lora_quantize_runs_resumes_exactly_and_exports_merged(tmp_path, monkeypatch):
+def test_config_lora_quantize_runs_resumes_exactly_and_exports_merged(
+    tmp_path, monkeypatch, capsys
+):
     monkeypatch.setenv("JFT_DATA_DIR", os.environ.get("JFT_DATA_DIR", str(tmp_path / "tfds")))
     base = jft.train.config.build_model(jft.train.config.resolve(_run(1, targets=())), 5)
     variables = jax.jit(base.init)(key(3), jnp.zeros((1, 8, 8, 1)))
@@ -274,6 +276,16 @@ def test_config_lora_quantize_runs_resumes_exactly_and_exports_merged(tmp_path, 
     assert not any(k.endswith("kernel_scale") for k in whole)
     assert "params/backbone/encoder/layer_0/attention/query/lora_B" in whole
     assert not any(k.endswith("attention/key/kernel") for k in whole)
+
+    from jft import cli
+
+    capsys.readouterr()
+    assert cli.main(["inspect", str(tmp_path / "whole")]) == 0
+    out = capsys.readouterr().out  # nf4 codes counted as weights (two a byte), scales not
+    assert "layer_0/attention/query  kernel 64x64  r=8" in out, out
+    params = sum(v.size for v in jax.tree.leaves(variables["params"]))
+    line = next(x for x in out.splitlines() if x.startswith("trainable:"))
+    assert f" of {params + 2 * 2 * 64 * 8:,} " in line, line  # + A and B on query and value
 
     dest = tmp_path / "merged.npz"
     jft.train.export(tmp_path / "whole", dest, merge=True)

@@ -134,13 +134,32 @@ def summarize_arrays(
       is_frozen: the run's partition rules as a predicate over parameter paths.
     """
     params: dict[str, tuple[Sequence[int], str | None]] = {}
-    for name, (shape, _) in arrays.items():
+    dtypes: dict[str, str] = {}
+    for name, (shape, dtype) in arrays.items():
         for prefix, status in _STATE_PREFIXES.items():
             if name.startswith(prefix):
                 path = name.removeprefix(prefix)
                 if status is None and is_frozen is not None:
                     status = "frozen" if is_frozen(path) else "trainable"
-                params[path] = (shape, status)
-    for path, (_, shape, _) in (base or {}).items():
-        params.setdefault(path.removeprefix("frozen/"), (shape, "frozen"))
-    return summarize(params)
+                params[path], dtypes[path] = (shape, status), str(dtype)
+    for path, (_, shape, dtype) in (base or {}).items():
+        path = path.removeprefix("frozen/")
+        if path not in params:
+            params[path], dtypes[path] = (shape, "frozen"), str(dtype)
+    return summarize(_as_weights(params, dtypes))
+
+
+def _as_weights(
+    params: dict[str, tuple[Sequence[int], str | None]], dtypes: Mapping[str, str]
+) -> dict[str, tuple[Sequence[int], str | None]]:
+    """A quantized base (:func:`jft.peft.quantize_base`) counted in weights, not codes:
+    packed nf4 codes (``uint8``) hold two weights a byte, and scales are not weights."""
+    out = {}
+    for path, (shape, status) in params.items():
+        module, _, leaf = path.rpartition("/")
+        if leaf == "kernel_scale":
+            continue
+        if leaf == "kernel" and f"{module}/kernel_scale" in params and dtypes[path] == "uint8":
+            shape = (2 * int(shape[0]), *shape[1:])
+        out[path] = (shape, status)
+    return out
