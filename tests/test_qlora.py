@@ -296,3 +296,19 @@ def test_config_lora_quantize_runs_resumes_exactly_and_exports_merged(
 
     with pytest.raises(LoraError, match="lora.quantize='int4' is unknown"):
         jft.train.config.resolve(_run(1, quantize="int4"))
+
+
+def test_a_llama_with_an_nf4_base_equals_its_dequantized_self():
+    """Every decoder projection (jft.ops.dot_general's dense layers) runs from nf4 codes."""
+    model = jft.models.get(
+        "llama", vocab_size=64, hidden_size=64, intermediate_size=128, num_layers=1,
+        num_heads=2, num_kv_heads=1, tie_word_embeddings=False,
+    )  # fmt: skip
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 6)), jnp.int32)
+    lora = jft.peft.lora(model, LoraConfig(targets=(r".*attention/(q_proj|v_proj)",), rank=4))
+    params = perturbed(jft.peft.init_adapters(lora, model.init(key(), ids), ids)["params"])
+    q = jft.peft.quantize_base(params, "nf4")
+    quantized = [k for k, m in jft.peft.quant._modules(q) if is_quantized(m)]
+    assert len(quantized) == 8, quantized  # q, k, v, o, gate, up, down and lm_head
+    run = jax.jit(lambda p: lora.apply({"params": p}, ids))
+    np.testing.assert_allclose(run(q), run(_dequantized(q)), atol=1e-5, rtol=1e-5)
