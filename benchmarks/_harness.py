@@ -18,6 +18,19 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 
+def timed_steps(step: Any, state: Any, batch: Any, steps: int) -> tuple[Any, Any, list[float]]:
+    """Runs a compiled ``step`` ``steps`` times: the last state and metrics, and each time."""
+    import jax
+
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        state, metrics = step(state, batch)
+        jax.block_until_ready((state, metrics))
+        times.append(time.perf_counter() - t0)
+    return state, metrics, times
+
+
 def time_step(step: Any, state: Any, batch: Any, steps: int) -> tuple[Any, Any, dict[str, Any]]:
     """Compiles ``step`` for ``(state, batch)``, warms it up and times ``steps`` calls.
 
@@ -35,12 +48,7 @@ def time_step(step: Any, state: Any, batch: Any, steps: int) -> tuple[Any, Any, 
     cost = cost[0] if isinstance(cost, list | tuple) else cost  # a list in older JAX
     state, metrics = step(state, batch)  # warm-up
     jax.block_until_ready(metrics)
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        state, metrics = step(state, batch)
-        jax.block_until_ready((state, metrics))
-        times.append(time.perf_counter() - t0)
+    state, metrics, times = timed_steps(step, state, batch, steps)
     return (
         state,
         metrics,

@@ -56,7 +56,7 @@ import os
 import sys
 
 from _harness import mib as _mib
-from _harness import run_rows, subprocess_env, worker_main
+from _harness import run_rows, subprocess_env, timed_steps, worker_main
 
 MODELS = ("llama", "minilm")
 VARIANTS = ("bf16", "int8", "nf4")
@@ -178,12 +178,7 @@ def worker(name: str, variant: str, steps: int, quick: bool) -> dict:
     first_loss = float(metrics["loss"])
     _reset_peak()
     rest = _rss()
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        state, metrics = step(state, batch)
-        jax.block_until_ready((state, metrics))
-        times.append(time.perf_counter() - t0)
+    state, metrics, times = timed_steps(step, state, batch, steps)
     peak = _hwm()
     return {
         "model": name,
