@@ -39,8 +39,9 @@ def _dtype(module: Mapping[str, Any]) -> Any:
     return jnp.float32 if is_quantized(module) else jnp.result_type(module["kernel"])
 
 
-def _matrices(module: Mapping[str, Any]) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """The kernel as a float32 ``(fan_in, out)`` matrix, and :math:`A`, :math:`B` in float32."""
+def _matrices(module: Mapping[str, Any]) -> tuple[jax.Array, jax.Array, jax.Array, tuple]:
+    """The kernel as a float32 ``(fan_in, out)`` matrix, :math:`A`, :math:`B` in float32, and
+    the kernel's own shape (a quantized kernel is dequantized once, here)."""
     kernel = _kernel(module)
     fan_in = _fan_in(module)
     a = jnp.asarray(module["lora_A"], jnp.float32).reshape(fan_in, -1)
@@ -50,27 +51,31 @@ def _matrices(module: Mapping[str, Any]) -> tuple[jax.Array, jax.Array, jax.Arra
             f"lora_A {tuple(module['lora_A'].shape)} and lora_B {tuple(b.shape)} do not fit "
             f"kernel {tuple(kernel.shape)}; the adapter belongs to another model"
         )
-    return kernel.reshape(fan_in, -1), a, b
+    return kernel.reshape(fan_in, -1), a, b, kernel.shape
+
+
+def _product(a: jax.Array, b: jax.Array, config: LoraConfig) -> jax.Array:
+    return config.scale * jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
 
 
 def delta(module: Mapping[str, Any], config: LoraConfig) -> jax.Array:
     """:math:`s A B` of one adapted module's parameters, float32, shaped as its kernel."""
-    _, a, b = _matrices(module)
-    d = config.scale * jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
-    return d.reshape(_kernel(module).shape)
+    _, a, b, shape = _matrices(module)
+    return _product(a, b, config).reshape(shape)
 
 
-def _walk(tree: Mapping[str, Any], fn) -> dict[str, Any]:
-    """``fn`` on each adapted module; a quantized module without an adapter is dequantized."""
+def _walk(tree: Mapping[str, Any], fn, *, dequantize_rest: bool = False) -> dict[str, Any]:
+    """``fn`` on each adapted module; with ``dequantize_rest``, each quantized module
+    without an adapter is dequantized (a merged tree is a float model's)."""
     out = {}
     for key, value in tree.items():
         if isinstance(value, Mapping) and "lora_A" in value:
             out[key] = fn(value)
-        elif isinstance(value, Mapping) and is_quantized(value):
+        elif isinstance(value, Mapping) and dequantize_rest and is_quantized(value):
             out[key] = {k: v for k, v in value.items() if k != "kernel_scale"}
             out[key]["kernel"] = _kernel(value)
         elif isinstance(value, Mapping):
-            out[key] = _walk(value, fn)
+            out[key] = _walk(value, fn, dequantize_rest=dequantize_rest)
         else:
             out[key] = value
     return out
@@ -96,9 +101,8 @@ def merge(
     """
 
     def merge_one(module: Mapping[str, Any]) -> dict[str, Any]:
-        shape, dtype = _kernel(module).shape, _dtype(module)
-        w, _, _ = _matrices(module)
-        v = w + delta(module, config).reshape(w.shape)
+        w, a, b, shape = _matrices(module)
+        v = w + _product(a, b, config)
         dropped = (*ADAPTER_LEAVES, "kernel_scale")
         out = {k: v_ for k, v_ in module.items() if k not in dropped}
         if config.use_dora:
@@ -106,12 +110,12 @@ def merge(
             v = v * (jnp.asarray(module["lora_magnitude"], jnp.float32) / norm)
             if keep_adapters:
                 out[_NORM] = norm
-        out["kernel"] = v.reshape(shape).astype(dtype)
+        out["kernel"] = v.reshape(shape).astype(_dtype(module))
         if keep_adapters:
             out.update({k: module[k] for k in ADAPTER_LEAVES if k in module})
         return out
 
-    return _walk(params, merge_one)
+    return _walk(params, merge_one, dequantize_rest=True)
 
 
 def unmerge(merged: Mapping[str, Any], config: LoraConfig) -> dict[str, Any]:
@@ -125,20 +129,19 @@ def unmerge(merged: Mapping[str, Any], config: LoraConfig) -> dict[str, Any]:
     """
 
     def unmerge_one(module: Mapping[str, Any]) -> dict[str, Any]:
-        shape, dtype = _kernel(module).shape, _dtype(module)
-        w, _, _ = _matrices(module)
+        w, a, b, shape = _matrices(module)
         if config.use_dora:
             if _NORM not in module:
                 raise LoraError(
                     "unmerge of DoRA needs the norms that merge(..., keep_adapters=True) keeps"
                 )
             w = w * (module[_NORM] / jnp.asarray(module["lora_magnitude"], jnp.float32))
-        w = w - delta(module, config).reshape(w.shape)
+        w = w - _product(a, b, config)
         out = {k: v for k, v in module.items() if k not in (_NORM, "kernel_scale")}
-        out["kernel"] = w.reshape(shape).astype(dtype)
+        out["kernel"] = w.reshape(shape).astype(_dtype(module))
         return out
 
-    return _walk(merged, unmerge_one)
+    return _walk(merged, unmerge_one, dequantize_rest=True)
 
 
 def reset_magnitudes(params: Mapping[str, Any], config: LoraConfig) -> dict[str, Any]:
@@ -153,8 +156,8 @@ def reset_magnitudes(params: Mapping[str, Any], config: LoraConfig) -> dict[str,
         return dict(params)
 
     def reset(module: Mapping[str, Any]) -> dict[str, Any]:
-        w, _, _ = _matrices(module)
-        v = w + delta(module, config).reshape(w.shape)
+        w, a, b, _ = _matrices(module)
+        v = w + _product(a, b, config)
         return {**module, "lora_magnitude": jnp.linalg.norm(v, axis=0)}
 
     return _walk(params, reset)

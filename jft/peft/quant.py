@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jft._paths import filter_leaves
 from jft.peft.config import LoraError
 
 __all__ = [
@@ -175,7 +176,7 @@ def quantize_base(
       LoraError: an unknown ``kind``, or a kernel that is already quantized.
     """
     patterns = [re.compile(s) for s in skip]
-    out = _copy(params)
+    out = filter_leaves(params, lambda _: True)  # a copy of the dicts, not the arrays
     for path, module in _modules(out):
         if any(p.fullmatch(path) or p.fullmatch(f"{path}/kernel") for p in patterns):
             continue
@@ -185,10 +186,6 @@ def quantize_base(
         if q is not None:
             module.update(q)
     return out
-
-
-def _copy(tree: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: _copy(v) if isinstance(v, Mapping) else v for k, v in tree.items()}
 
 
 def bits_per_weight(params: Mapping[str, Any]) -> float:

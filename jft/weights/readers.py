@@ -226,12 +226,14 @@ def _base_arrays(path: str, base: dict[str, Any]) -> dict[str, np.ndarray]:
     if checkpoint.locate(source) is None:
         flat, _ = keymaps.get(infer_arch(flat))(flat)
     frozen = {}
+    quantized: dict[str, dict[str, Any]] = {}  # module -> its codes and scales
     for p, (_, shape, dtype) in base["arrays"].items():
         value = flat.get(f"params/{p.removesuffix('_scale')}")
         if value is not None and _quantized_in(base, p):  # a QLoRA base: quantized as trained
-            value = _quantize(value, base["arrays"][p.removesuffix("_scale")][2])[
-                p.rpartition("/")[2]
-            ]
+            module, _, leaf = p.rpartition("/")
+            if module not in quantized:
+                quantized[module] = _quantize(value, base["arrays"][f"{module}/kernel"][2])
+            value = quantized[module][leaf]
         if value is None or tuple(np.shape(value)) != tuple(shape):
             frozen = None
             break
